@@ -95,3 +95,128 @@ class Calibration:
         if not isinstance(d, dict):
             raise ValueError(f"{path}: a calibration file must hold a mapping")
         return cls.from_dict(d)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers for experimental data (sidecar YAML files, CLI flags); the dataclass above is unchanged
+# ----------------------------------------------------------------------------------------------
+
+#: keys accepted in a calibration sidecar on top of the :class:`Calibration` fields
+SIDECAR_EXTRA_KEYS = ("camera_length_mm", "pixel_size_um", "step_nm")
+
+
+def mrad_per_px_from_camera_length(camera_length_mm: float, pixel_size_um: float) -> float:
+    """Detector angular sampling from the camera length and the physical pixel size.
+
+    Small-angle geometry: one pixel of size ``p`` at distance ``L`` subtends ``p / L`` rad, so
+    ``mrad_per_px = pixel_size_um / camera_length_mm`` (the 1e-6 / 1e-3 units give mrad).
+
+    Parameters
+    ----------
+    camera_length_mm : float
+        Effective camera length in mm (positive).
+    pixel_size_um : float
+        Detector pixel pitch in µm (55 for Medipix3 / Merlin).
+
+    Returns
+    -------
+    float
+        Angular sampling in mrad per pixel.
+    """
+    if not (np.isfinite(camera_length_mm) and camera_length_mm > 0):
+        raise ValueError(f"camera_length_mm must be positive, got {camera_length_mm!r}")
+    if not (np.isfinite(pixel_size_um) and pixel_size_um > 0):
+        raise ValueError(f"pixel_size_um must be positive, got {pixel_size_um!r}")
+    return float(pixel_size_um) / float(camera_length_mm)
+
+
+def calibration_from_mapping(d: dict) -> Calibration:
+    """Build a :class:`Calibration` from a sidecar mapping that may use experimental keys.
+
+    Besides the dataclass fields it accepts ``camera_length_mm`` + ``pixel_size_um`` (instead of
+    ``mrad_per_px``) and ``step_nm`` (instead of ``step_A``); the raw values are kept in
+    ``extra``.
+
+    Raises
+    ------
+    ValueError
+        On unknown keys, on both ``mrad_per_px`` and a camera length, or on a camera length
+        without a pixel size.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"a calibration must be a mapping, got {type(d).__name__}")
+    d = dict(d)
+    extra = dict(d.pop("extra", None) or {})
+    cl = d.pop("camera_length_mm", None)
+    px = d.pop("pixel_size_um", None)
+    step_nm = d.pop("step_nm", None)
+    if cl is not None or px is not None:
+        if cl is None or px is None:
+            raise ValueError("camera_length_mm and pixel_size_um must be given together")
+        if "mrad_per_px" in d:
+            raise ValueError("give either mrad_per_px or camera_length_mm + pixel_size_um, not both")
+        d["mrad_per_px"] = mrad_per_px_from_camera_length(float(cl), float(px))
+        extra.update(camera_length_mm=float(cl), pixel_size_um=float(px))
+    if step_nm is not None:
+        if "step_A" in d:
+            raise ValueError("give either step_A or step_nm, not both")
+        d["step_A"] = (np.atleast_1d(np.asarray(step_nm, dtype=float)) * 10.0).tolist()
+        extra["step_nm"] = step_nm
+    d["extra"] = extra
+    return Calibration.from_dict(d)
+
+
+def sidecar_path(data_path: str | Path) -> Path | None:
+    """Return the calibration sidecar of a data file if one exists, else ``None``.
+
+    Looks for ``<file>.calibration.yaml`` (e.g. ``scan.mib.calibration.yaml``), then
+    ``<stem>.calibration.yaml`` next to the file.
+    """
+    p = Path(data_path)
+    for cand in (p.with_name(p.name + ".calibration.yaml"), p.with_suffix(".calibration.yaml")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def resolve_calibration(source: Calibration | dict | str | Path | None) -> Calibration | None:
+    """Turn a Calibration, a mapping or a YAML path into a :class:`Calibration` (None stays None)."""
+    if source is None or isinstance(source, Calibration):
+        return source
+    if isinstance(source, dict):
+        return calibration_from_mapping(source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} does not exist")
+    with open(path) as fh:
+        d = yaml.safe_load(fh) or {}
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a calibration file must hold a mapping")
+    return calibration_from_mapping(d)
+
+
+def calibration_from_flags(
+    *,
+    base: Calibration | None = None,
+    step_A: float | tuple[float, float] | None = None,
+    mrad_per_px: float | tuple[float, float] | None = None,
+    camera_length_mm: float | None = None,
+    pixel_size_um: float | None = None,
+    energy_keV: float | None = None,
+    scan_rotation_deg: float | None = None,
+) -> Calibration | None:
+    """Override fields of ``base`` with command-line values (``None`` = keep).
+
+    Returns ``None`` when there is neither a base nor any flag.
+    """
+    flags = dict(step_A=step_A, mrad_per_px=mrad_per_px, camera_length_mm=camera_length_mm,
+                 pixel_size_um=pixel_size_um, energy_keV=energy_keV,
+                 scan_rotation_deg=scan_rotation_deg)
+    given = {k: v for k, v in flags.items() if v is not None}
+    if base is None and not given:
+        return None
+    d = base.to_dict() if base is not None else {}
+    if "camera_length_mm" in given or "pixel_size_um" in given:
+        d.pop("mrad_per_px", None)
+    d.update(given)
+    return calibration_from_mapping(d)

@@ -1,0 +1,300 @@
+"""tmask_validate.io: real Merlin/fpd files, MIB round trips, HDF5/zarr/npy/raw, calibration."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import dask.array as da
+import h5py
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from tmask_validate.calibration import (
+    Calibration,
+    calibration_from_flags,
+    calibration_from_mapping,
+    mrad_per_px_from_camera_length,
+)
+from tmask_validate.io import infer_mib_scan_shape, load, read_mib_header, write_mib
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-merlin"
+if not REAL.is_dir():
+    REAL = Path("/work/shared/data/real-merlin")
+needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="real Merlin test files not available")
+
+
+def _rng_data(shape, bits, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 2**bits, size=shape, dtype=np.uint64 if bits > 16 else np.uint32)
+
+
+# ------------------------------------------------------------------ real files
+@pytest.fixture(scope="module")
+def real_zip(tmp_path_factory):
+    if not REAL.is_dir():
+        pytest.skip("real Merlin test files not available")
+    out = tmp_path_factory.mktemp("merlin")
+    with zipfile.ZipFile(REAL / "Merlin_navigation4x2_ROI.zip") as zf:
+        zf.extractall(out)
+    return out
+
+
+@needs_real
+@pytest.mark.parametrize("name,shape", [("001_4x2_6bit.mib", (2, 4, 256, 256)),
+                                        ("002_4x2_6bit_roi128.mib", (2, 4, 128, 256))])
+def test_real_merlin_6bit(real_zip, name, shape):
+    a = load(real_zip / name)
+    assert a.shape == shape and a.dtype == np.uint8
+    assert a.dims == ("scan_y", "scan_x", "ky", "kx")
+    assert isinstance(a.data, da.Array)
+    assert a.attrs["bit_depth"] == 6 and a.attrs["saturation_value"] == 63
+    assert a.attrs["scan_shape_source"].startswith("frame timestamps")
+    assert a.attrs["calibrated"] is False and a.attrs["detector_units"] == "px"
+    v = a.values
+    assert v.max() <= 63
+    # explicit scan shape gives the same array
+    b = load(real_zip / name, scan_shape=(2, 4))
+    np.testing.assert_array_equal(b.values, v)
+    # rosettasciio flips rows for display; we keep the stored order
+    from rsciio.quantumdetector import file_reader
+
+    r = np.asarray(file_reader(str(real_zip / name), navigation_shape=(4, 2))[0]["data"])
+    np.testing.assert_array_equal(r[..., ::-1, :], v)
+    with pytest.raises(ValueError, match="needs 9 frames but the file holds only 8"):
+        load(real_zip / name, scan_shape=(3, 3))
+
+
+@needs_real
+def test_real_single_mib_12bit():
+    with pytest.raises(ValueError, match="needs 4 frames"):
+        load(REAL / "SingleMIB.mib", scan_shape=(2, 2))
+    a = load(REAL / "SingleMIB.mib", scan_shape=(1, 1))
+    assert a.shape == (1, 1, 256, 256) and a.dtype == np.uint16
+    assert a.attrs["stored_dtype"] == ">u2" and a.attrs["bit_depth"] == 12
+    frame = a.values[0, 0]
+    # a bright-field disc: the brightest pixels sit well inside the detector
+    iy, ix = np.unravel_index(np.argmax(frame), frame.shape)
+    assert 10 < iy < 246 and 10 < ix < 246 and frame.max() <= 4095
+    # same bytes as a direct big-endian read
+    head = read_mib_header(REAL / "SingleMIB.mib")
+    raw = np.fromfile(REAL / "SingleMIB.mib", dtype=">u2", offset=head["header_bytes"],
+                      count=256 * 256).reshape(256, 256)
+    np.testing.assert_array_equal(frame, raw)
+
+
+@needs_real
+def test_real_fpd_hdf5():
+    a = load(REAL / "FPD_HDF5.hdf5")
+    assert a.shape == (16, 16, 256, 256) and a.dtype == np.uint16
+    assert a.attrs["dataset"] == "fpd_expt/fpd_data/data"
+    assert a.attrs["stored_dtype"] == ">u2" and a.attrs["bit_depth"] == 12
+    assert json.loads(a.attrs["hdf5_dims"]) == ["scanY", "scanX", "detY", "detX"]
+    with h5py.File(REAL / "FPD_HDF5.hdf5") as f:
+        ref = f["fpd_expt/fpd_data/data"][3, 5]
+        sum_dif = f["fpd_expt/fpd_sum_dif/data"][()]
+    np.testing.assert_array_equal(a.values[3, 5], ref)
+    np.testing.assert_array_equal(a.sum(("scan_y", "scan_x")).values, sum_dif)
+    b = load(REAL / "FPD_HDF5.hdf5", dataset="fpd_expt/fpd_data/data")
+    assert b.shape == a.shape
+
+
+# ------------------------------------------------------------------ MIB round trips
+@pytest.mark.parametrize("bits", [1, 6, 12, 24])
+def test_write_mib_roundtrip(tmp_path, bits):
+    data = _rng_data((3, 5, 16, 24), bits, seed=bits)
+    p = write_mib(tmp_path / "x.mib", data, bit_depth=bits)
+    a = load(p)
+    assert a.shape == data.shape
+    assert a.attrs["bit_depth"] == bits
+    assert a.attrs["scan_shape_source"].startswith("frame timestamps")
+    np.testing.assert_array_equal(a.values, data)
+    expect = {1: np.uint8, 6: np.uint8, 12: np.uint16, 24: np.uint32}[bits]
+    assert a.dtype == expect
+    # the file really is big-endian
+    head = read_mib_header(p)
+    first = np.fromfile(p, dtype=head["stored_dtype"], offset=head["header_bytes"],
+                        count=16 * 24).reshape(16, 24)
+    np.testing.assert_array_equal(first, data[0, 0])
+
+
+def test_write_mib_line_trigger_hdr_gives_scan_shape(tmp_path):
+    data = _rng_data((4, 3, 8, 8), 12)
+    p = write_mib(tmp_path / "x.mib", data, frames_per_trigger=None, flyback_s=0.0)
+    a = load(p)
+    assert a.shape == data.shape and a.attrs["scan_shape_source"].startswith("hdr")
+    np.testing.assert_array_equal(a.values, data)
+
+
+def test_mib_without_scan_shape_asks(tmp_path):
+    data = _rng_data((2, 3, 8, 8), 12)
+    p = write_mib(tmp_path / "x.mib", data, flyback_s=0.0, header=False)
+    with pytest.raises(ValueError, match="pass scan_shape"):
+        load(p)
+    a = load(p, scan_shape=(3, 2))
+    np.testing.assert_array_equal(a.values, data.reshape(3, 2, 8, 8))
+
+
+def test_mib_quad_header(tmp_path):
+    data = _rng_data((1, 2, 260, 258), 12)
+    p = write_mib(tmp_path / "q.mib", data)
+    assert read_mib_header(p)["header_bytes"] == 768
+    np.testing.assert_array_equal(load(p, scan_shape=(1, 2)).values, data)
+
+
+@pytest.mark.parametrize("cut", [1, 384 + 100])
+def test_truncated_mib_is_a_clear_error(tmp_path, cut):
+    data = _rng_data((2, 3, 8, 8), 12)
+    p = write_mib(tmp_path / "x.mib", data)
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) - cut])
+    frame_bytes = 384 + 8 * 8 * 2
+    n_ok = (len(raw) - cut) // frame_bytes
+    with pytest.raises(ValueError, match=f"truncated MIB file: {n_ok} complete frames"):
+        load(p)
+
+
+def test_truncated_mib_whole_frames_missing(tmp_path):
+    data = _rng_data((2, 3, 8, 8), 12)
+    p = write_mib(tmp_path / "x.mib", data)
+    raw = p.read_bytes()
+    p.write_bytes(raw[: 4 * (384 + 128)])
+    with pytest.raises(ValueError, match="announces 6 frames but only 4 complete"):
+        load(p)
+
+
+def test_write_mib_rejects_out_of_range(tmp_path):
+    with pytest.raises(ValueError, match=r"\[0, 63\]"):
+        write_mib(tmp_path / "x.mib", np.full((1, 1, 4, 4), 64), bit_depth=6)
+    with pytest.raises(ValueError, match="bit_depth"):
+        write_mib(tmp_path / "x.mib", np.zeros((1, 1, 4, 4), int), bit_depth=8)
+
+
+def test_infer_scan_shape_from_timestamps():
+    t = np.concatenate([np.arange(4) * 1.0 + 10.5 * line for line in range(3)])
+    assert infer_mib_scan_shape(t) == (3, 4)
+    assert infer_mib_scan_shape(np.arange(12.0)) is None
+    t_bad = t.copy()
+    t_bad[6:] += 0.3  # an irregular pause mid-line
+    assert infer_mib_scan_shape(t_bad) is None
+
+
+# ------------------------------------------------------------------ other formats
+def test_hdf5_plain_dataset_and_autodetect(tmp_path):
+    data = _rng_data((3, 4, 6, 5), 16).astype(">u2")
+    p1, p = tmp_path / "one.h5", tmp_path / "d.h5"
+    with h5py.File(p1, "w") as f:
+        f["some/where/frames"] = data
+        f["other"] = np.zeros((3, 3))
+    a = load(p1)
+    assert a.attrs["dataset"] == "some/where/frames"
+    np.testing.assert_array_equal(a.values, data)
+    with h5py.File(p, "w") as f:
+        f["first"] = data
+        f["second"] = data
+        f["stack"] = data.reshape(12, 6, 5)
+    with pytest.raises(ValueError, match="several 4D datasets"):
+        load(p)
+    np.testing.assert_array_equal(load(p, dataset="second").values, data)
+    np.testing.assert_array_equal(load(p, dataset="stack", scan_shape=(3, 4)).values, data)
+    with pytest.raises(ValueError, match="pass scan_shape"):
+        load(p, dataset="stack")
+
+
+def test_npy_and_raw(tmp_path):
+    data = _rng_data((3, 4, 6, 5), 16).astype(np.uint16)
+    np.save(tmp_path / "d.npy", data)
+    np.testing.assert_array_equal(load(tmp_path / "d.npy").values, data)
+    # raw: 10-byte file header, 4-byte per-frame header, big-endian
+    frames = data.reshape(12, 6, 5).astype(">u2")
+    blob = b"H" * 10 + b"".join(b"FFFF" + fr.tobytes() for fr in frames)
+    (tmp_path / "d.raw").write_bytes(blob)
+    kw = dict(dtype=">u2", frame_shape=(6, 5), header_bytes=10, frame_header_bytes=4)
+    a = load(tmp_path / "d.raw", scan_shape=(3, 4), **kw)
+    np.testing.assert_array_equal(a.values, data)
+    assert a.attrs["stored_dtype"] == ">u2" and a.dtype == np.uint16
+    with pytest.raises(ValueError, match="pass scan_shape"):
+        load(tmp_path / "d.raw", **kw)
+    (tmp_path / "t.raw").write_bytes(blob[:-7])
+    with pytest.raises(ValueError, match="11 complete frames"):
+        load(tmp_path / "t.raw", scan_shape=(3, 4), **kw)
+    with pytest.raises(ValueError, match="dtype= and frame_shape"):
+        load(tmp_path / "d.raw")
+
+
+def _sim_store(path, thicknesses=(2.0, 4.0)):
+    rng = np.random.default_rng(3)
+    inten = rng.random((len(thicknesses), 3, 4, 6, 6)).astype(np.float32)
+    cal = Calibration(step_A=(0.5, 0.4), mrad_per_px=(2.0, 2.0), center_px=(3.0, 3.0))
+    ds = xr.Dataset(
+        {"intensity": (("thickness", "scan_y", "scan_x", "ky", "kx"), inten)},
+        coords={"thickness": list(thicknesses), "scan_y": np.arange(3) * 0.5,
+                "scan_x": np.arange(4) * 0.4, "ky": (np.arange(6) - 3) * 2.0,
+                "kx": (np.arange(6) - 3) * 2.0},
+        attrs={"calibration": json.dumps(cal.to_dict()), "structure": "toy", "complete": True},
+    )
+    ds.to_zarr(path)
+    return inten, cal
+
+
+def test_zarr_simulation_store(tmp_path):
+    inten, cal = _sim_store(tmp_path / "s.zarr")
+    a = load(tmp_path / "s.zarr", thickness_nm=4.0)
+    np.testing.assert_array_equal(a.values, inten[1])
+    assert Calibration.from_dict(json.loads(a.attrs["calibration"])) == cal
+    np.testing.assert_allclose(a.kx.values, (np.arange(6) - 3) * 2.0)
+    np.testing.assert_allclose(a.scan_x.values, np.arange(4) * 0.4)
+    np.testing.assert_array_equal(load(tmp_path / "s.zarr", select={"thickness": 2.0}).values,
+                                  inten[0])
+    with pytest.raises(ValueError, match="thickness_nm="):
+        load(tmp_path / "s.zarr")
+    with pytest.raises(ValueError, match="not in the store"):
+        load(tmp_path / "s.zarr", thickness_nm=3.0)
+
+
+# ------------------------------------------------------------------ calibration
+def test_calibration_sidecar_and_coords(tmp_path):
+    data = _rng_data((2, 3, 8, 10), 12)
+    p = write_mib(tmp_path / "x.mib", data)
+    side = {"step_nm": 0.05, "camera_length_mm": 110.0, "pixel_size_um": 55.0,
+            "energy_keV": 300.0, "center_px": [4.0, 5.0], "scan_rotation_deg": 12.0}
+    (tmp_path / "x.mib.calibration.yaml").write_text(yaml.safe_dump(side))
+    a = load(p)
+    cal = Calibration.from_dict(json.loads(a.attrs["calibration"]))
+    assert a.attrs["calibrated"] is True and a.attrs["detector_units"] == "mrad"
+    assert cal.mrad_per_px == (0.5, 0.5) and cal.step_A == (0.5, 0.5)
+    assert cal.energy_keV == 300.0 and cal.scan_rotation_deg == 12.0
+    assert cal.extra["camera_length_mm"] == 110.0
+    np.testing.assert_allclose(a.kx.values, (np.arange(10) - 5.0) * 0.5)
+    np.testing.assert_allclose(a.ky.values, (np.arange(8) - 4.0) * 0.5)
+    np.testing.assert_allclose(a.scan_x.values, [0.0, 0.5, 1.0])
+    # an explicit calibration wins over the sidecar
+    b = load(p, calibration={"step_A": 2.0, "mrad_per_px": 1.5})
+    assert json.loads(b.attrs["calibration"])["mrad_per_px"] == [1.5, 1.5]
+    assert b.attrs["center_px_source"].startswith("detector centre")
+    np.testing.assert_allclose(b.kx.values, (np.arange(10) - 4.5) * 1.5)
+
+
+def test_calibration_helpers():
+    assert mrad_per_px_from_camera_length(110.0, 55.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        mrad_per_px_from_camera_length(0.0, 55.0)
+    with pytest.raises(ValueError, match="together"):
+        calibration_from_mapping({"camera_length_mm": 100.0})
+    with pytest.raises(ValueError, match="unknown calibration keys"):
+        calibration_from_mapping({"stepsize": 1.0})
+    base = Calibration(step_A=(1.0, 1.0), mrad_per_px=(0.3, 0.3), energy_keV=200.0)
+    c = calibration_from_flags(base=base, camera_length_mm=55.0, pixel_size_um=55.0)
+    assert c.mrad_per_px == (1.0, 1.0) and c.step_A == (1.0, 1.0)
+    assert calibration_from_flags() is None
+
+
+def test_unknown_format_and_missing(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "nope.mib")
+    (tmp_path / "x.tif").write_bytes(b"x")
+    with pytest.raises(ValueError, match="unknown 4D-STEM file format"):
+        load(tmp_path / "x.tif")
