@@ -63,7 +63,9 @@ class Calibration:
         if self.center_px is not None:
             c = np.asarray(self.center_px, dtype=float)
             if c.shape != (2,) or not np.all(np.isfinite(c)):
-                raise ValueError(f"center_px must be a finite (ky, kx) pair, got {self.center_px!r}")
+                raise ValueError(
+                    f"center_px must be a finite (ky, kx) pair, got {self.center_px!r}"
+                )
             object.__setattr__(self, "center_px", (float(c[0]), float(c[1])))
         if not np.isfinite(self.energy_keV) or self.energy_keV <= 0:
             raise ValueError(f"energy_keV must be positive, got {self.energy_keV!r}")
@@ -84,7 +86,9 @@ class Calibration:
         known = {"step_A", "mrad_per_px", "center_px", "energy_keV", "scan_rotation_deg", "extra"}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown calibration keys {sorted(unknown)}; allowed: {sorted(known)}")
+            raise ValueError(
+                f"unknown calibration keys {sorted(unknown)}; allowed: {sorted(known)}"
+            )
         return cls(**d)
 
     @classmethod
@@ -154,7 +158,9 @@ def calibration_from_mapping(d: dict) -> Calibration:
         if cl is None or px is None:
             raise ValueError("camera_length_mm and pixel_size_um must be given together")
         if "mrad_per_px" in d:
-            raise ValueError("give either mrad_per_px or camera_length_mm + pixel_size_um, not both")
+            raise ValueError(
+                "give either mrad_per_px or camera_length_mm + pixel_size_um, not both"
+            )
         d["mrad_per_px"] = mrad_per_px_from_camera_length(float(cl), float(px))
         extra.update(camera_length_mm=float(cl), pixel_size_um=float(px))
     if step_nm is not None:
@@ -180,7 +186,7 @@ def sidecar_path(data_path: str | Path) -> Path | None:
 
 
 def resolve_calibration(source: Calibration | dict | str | Path | None) -> Calibration | None:
-    """Turn a Calibration, a mapping or a YAML path into a :class:`Calibration` (None stays None)."""
+    """Turn a Calibration, a mapping or a YAML path into a :class:`Calibration` (None → None)."""
     if source is None or isinstance(source, Calibration):
         return source
     if isinstance(source, dict):

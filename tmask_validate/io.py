@@ -174,7 +174,8 @@ def _check_scan_shape(scan_shape: Any) -> tuple[int, int]:
     try:
         sy, sx = (int(v) for v in scan_shape)
     except (TypeError, ValueError):
-        raise ValueError(f"scan_shape must be a (scan_y, scan_x) pair, got {scan_shape!r}") from None
+        msg = f"scan_shape must be a (scan_y, scan_x) pair, got {scan_shape!r}"
+        raise ValueError(msg) from None
     if sy < 1 or sx < 1 or (sy, sx) != tuple(scan_shape):
         raise ValueError(f"scan_shape must hold two positive integers, got {scan_shape!r}")
     return sy, sx
@@ -758,9 +759,10 @@ def _open_raw(
     rows, cols = (int(v) for v in frame_shape)
     if min(header_bytes, frame_header_bytes, frame_footer_bytes) < 0:
         raise ValueError("header/frame byte counts must be non-negative")
-    rec = np.dtype([("h", f"V{frame_header_bytes}"), ("d", dt, (rows, cols)),
-                    ("f", f"V{frame_footer_bytes}")]) if (frame_header_bytes or frame_footer_bytes) \
-        else None
+    rec = None
+    if frame_header_bytes or frame_footer_bytes:
+        rec = np.dtype([("h", f"V{frame_header_bytes}"), ("d", dt, (rows, cols)),
+                        ("f", f"V{frame_footer_bytes}")])
     frame_bytes = frame_header_bytes + rows * cols * dt.itemsize + frame_footer_bytes
     size = path.stat().st_size - header_bytes
     n, rem = divmod(size, frame_bytes)
