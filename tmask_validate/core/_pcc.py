@@ -1,0 +1,524 @@
+"""PCC masks, normalised mask application and the eigen-image (paper Eqs. 2-10).
+
+Notation follows the paper: ``D`` is the ``m x n`` matrix of Eq. 1 (rows = diffraction
+patterns, columns = pixel-STEM images ``s_k``), ``D̂`` has each column normalised by Eq. 4
+(``(s_k - mean_k) / std_k``, population std) or, for ``normalisation="mean"``, by Eq. 8
+(additionally divided by ``mean_k``).  ``D̂`` is never formed: every result is accumulated in
+float64 while streaming row chunks of ``D`` (see :mod:`._stream`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._kernels import apply_weights, stats_tprod
+from ._stream import DataInfo, check_data, check_finite_result, iter_row_chunks
+
+NORMALISATIONS = ("pcc", "mean")
+
+
+@dataclass(frozen=True)
+class ColumnStats:
+    """Statistics of the pixel-STEM images (columns of D).
+
+    Attributes
+    ----------
+    mean : ndarray
+        Column means, ``(ky, kx)`` float64.
+    std : ndarray
+        Column population standard deviations (ddof=0), ``(ky, kx)`` float64.
+    count : int
+        Number of probe positions the statistics were taken over.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    count: int
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Columns with non-zero variance (bool ``(ky, kx)``)."""
+        return self.std > 0
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_normalisation(normalisation: str) -> str:
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(
+            f"unknown normalisation {normalisation!r}; expected one of {NORMALISATIONS}"
+        )
+    return normalisation
+
+
+def _check_region(region: Any, info: DataInfo) -> np.ndarray | None:
+    """Return the region as a flat bool (m,) array (None = all positions)."""
+    if region is None:
+        return None
+    reg = np.asarray(region)
+    if reg.shape != info.scan_shape:
+        raise ValueError(
+            f"region shape {reg.shape} does not match the scan shape {info.scan_shape}"
+        )
+    if reg.dtype != bool:
+        if not np.all(np.isin(reg, (0, 1))):
+            raise ValueError("region must be boolean (or 0/1)")
+        reg = reg.astype(bool)
+    if not reg.any():
+        raise ValueError("region is empty: it selects no probe position")
+    return reg.reshape(-1)
+
+
+def _check_templates(template: Any, info: DataInfo) -> tuple[np.ndarray, bool]:
+    """Return templates as float64 (k, m) and whether a single template was given."""
+    t = np.asarray(template)
+    if t.dtype.kind not in "uifb":
+        raise TypeError(f"template must be real-valued, got dtype {t.dtype}")
+    single = t.ndim == 2
+    if single:
+        t = t[None]
+    if t.ndim != 3 or t.shape[1:] != info.scan_shape:
+        raise ValueError(
+            f"template shape {np.shape(template)} must be the scan shape {info.scan_shape} "
+            f"or a stack (k, {info.scan_shape[0]}, {info.scan_shape[1]})"
+        )
+    if t.shape[0] == 0:
+        raise ValueError("template stack is empty")
+    t = t.astype(np.float64).reshape(t.shape[0], info.m)
+    if not np.all(np.isfinite(t)):
+        raise ValueError("template contains NaN or Inf")
+    return t, single
+
+
+def _check_masks(mask: Any, info: DataInfo) -> tuple[np.ndarray, bool]:
+    """Return masks as float64 (k, n) and whether a single mask was given."""
+    w = np.asarray(mask)
+    if w.dtype.kind not in "uifb":
+        raise TypeError(f"mask must be real-valued, got dtype {w.dtype}")
+    single = w.ndim == 2
+    if single:
+        w = w[None]
+    if w.ndim != 3 or w.shape[1:] != info.det_shape:
+        raise ValueError(
+            f"mask shape {np.shape(mask)} must be the detector shape {info.det_shape} "
+            f"or a stack (k, {info.det_shape[0]}, {info.det_shape[1]})"
+        )
+    if w.shape[0] == 0:
+        raise ValueError("mask stack is empty")
+    w = w.astype(np.float64).reshape(w.shape[0], info.n)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("mask contains NaN or Inf")
+    return w, single
+
+
+def _standardise_templates(t: np.ndarray, region: np.ndarray | None) -> np.ndarray:
+    """Zero-mean, unit population std over the region; zero outside. (k, m) float64."""
+    sel = np.ones(t.shape[1], bool) if region is None else region
+    ts = t[:, sel]
+    mean = ts.mean(axis=1, keepdims=True)
+    dev = ts - mean
+    std = np.sqrt(np.mean(dev * dev, axis=1, keepdims=True))
+    scale = np.max(np.abs(ts), axis=1, keepdims=True)
+    bad = ~(std[:, 0] > 1e-12 * np.maximum(scale[:, 0], np.finfo(float).tiny))
+    if np.any(bad):
+        which = np.flatnonzero(bad).tolist()
+        raise ValueError(
+            f"template(s) {which} have zero variance over the probe positions used "
+            "(a constant template correlates with nothing)"
+        )
+    out = np.zeros_like(t)
+    out[:, sel] = dev / std
+    return out
+
+
+# ----------------------------------------------------------------------------- passes
+class _Acc:
+    """Float64 accumulators of one stats(+template products) pass over a row subset."""
+
+    def __init__(self, n: int, k: int) -> None:
+        self.s1 = np.zeros(n)
+        self.s2 = np.zeros(n)
+        self.acc = np.zeros((k, n))
+        self.shift: np.ndarray | None = None
+        self.count = 0
+
+    def add(self, x: np.ndarray, rows: np.ndarray, t: np.ndarray) -> None:
+        if rows.size == 0:
+            return
+        if self.shift is None:
+            self.shift = x[rows[0]].astype(np.float64)
+        stats_tprod(x, rows, t, self.shift, self.s1, self.s2, self.acc)
+        self.count += rows.size
+
+    def stats(self, det_shape: tuple[int, int]) -> ColumnStats:
+        check_finite_result(self.s1, self.s2, self.acc)
+        c = self.count
+        d1 = self.s1 / c
+        var = self.s2 / c - d1 * d1
+        var = np.where(var > 0, var, 0.0)
+        mean = self.shift + d1
+        return ColumnStats(mean=mean.reshape(det_shape), std=np.sqrt(var).reshape(det_shape),
+                           count=c)
+
+
+def _pass_stats_products(
+    data: Any,
+    info: DataInfo,
+    that: np.ndarray | None,
+    region: np.ndarray | None,
+    *,
+    all_stats: bool,
+    chunk_bytes: int | None,
+) -> tuple[_Acc, _Acc | None]:
+    """One pass: region stats + template products, and optionally all-position stats."""
+    k = 0 if that is None else that.shape[0]
+    main = _Acc(info.n, k)
+    extra = _Acc(info.n, 0) if (all_stats and region is not None) else None
+    empty_t = np.zeros((0, 0))
+    for r0, x in iter_row_chunks(data, info, chunk_bytes):
+        r1 = r0 + x.shape[0]
+        if region is None:
+            rows = np.arange(x.shape[0], dtype=np.int64)
+        else:
+            rows = np.flatnonzero(region[r0:r1]).astype(np.int64)
+        t = np.zeros((0, rows.size)) if that is None else np.ascontiguousarray(
+            that[:, r0:r1][:, rows])
+        main.add(x, rows, t)
+        if extra is not None:
+            extra.add(x, np.arange(x.shape[0], dtype=np.int64), empty_t.reshape(0, x.shape[0]))
+    return main, extra
+
+
+def _pcc_from(acc: _Acc, stats: ColumnStats, normalisation: str) -> np.ndarray:
+    """PCC (or PCC / mean) maps (k, n) from template products and column stats."""
+    std = stats.std.reshape(-1)
+    mean = stats.mean.reshape(-1)
+    good = std > 0
+    r = np.zeros_like(acc.acc)
+    r[:, good] = acc.acc[:, good] / (acc.count * std[good])
+    np.clip(r, -1.0, 1.0, out=r)
+    if normalisation == "mean":
+        good_m = good & (mean != 0)
+        r[:, ~good_m] = 0.0
+        r[:, good_m] /= mean[good_m]
+    return r
+
+
+def _weights_for(w: np.ndarray, stats: ColumnStats, normalisation: str) -> np.ndarray:
+    """Per-column weights that turn ``(x - mean) @ w`` into ``D̂ @ mask``."""
+    std = stats.std.reshape(-1)
+    mean = stats.mean.reshape(-1)
+    scale = np.zeros_like(std)
+    good = std > 0
+    if normalisation == "mean":
+        good &= mean != 0
+        scale[good] = 1.0 / (std[good] * mean[good])
+    else:
+        scale[good] = 1.0 / std[good]
+    return np.ascontiguousarray(w * scale)
+
+
+def _pass_apply(
+    data: Any, info: DataInfo, w: np.ndarray, mu: np.ndarray, chunk_bytes: int | None
+) -> np.ndarray:
+    """One pass: ``(D - mu) @ w.T`` as (k, m) float64."""
+    out = np.empty((info.m, w.shape[0]))
+    w = np.ascontiguousarray(w, dtype=np.float64)
+    mu = np.ascontiguousarray(mu, dtype=np.float64).reshape(-1)
+    for r0, x in iter_row_chunks(data, info, chunk_bytes):
+        apply_weights(x, mu, w, out[r0 : r0 + x.shape[0]])
+    check_finite_result(out)
+    return np.ascontiguousarray(out.T)
+
+
+def _check_stats(stats: Any, info: DataInfo) -> ColumnStats:
+    if not isinstance(stats, ColumnStats):
+        raise TypeError(f"stats must be a ColumnStats, got {type(stats).__name__}")
+    if stats.mean.shape != info.det_shape or stats.std.shape != info.det_shape:
+        raise ValueError(
+            f"stats are for detector shape {stats.mean.shape}, data have {info.det_shape}"
+        )
+    return stats
+
+
+# ----------------------------------------------------------------------------- public API
+def column_stats(
+    data: Any, *, region: Any = None, chunk_bytes: int | None = None
+) -> ColumnStats:
+    """Mean and population std of every pixel-STEM image (column of D), one streaming pass.
+
+    Parameters
+    ----------
+    data : array-like
+        4D data ``[scan_y, scan_x, ky, kx]`` (numpy, memmap, zarr, dask).
+    region : bool array (scan_y, scan_x), optional
+        Only these probe positions are used.
+    chunk_bytes : int, optional
+        Byte budget of one row chunk (default :data:`DEFAULT_CHUNK_BYTES`).
+
+    Returns
+    -------
+    ColumnStats
+        ``mean`` and ``std`` as ``(ky, kx)`` float64, ``count`` positions used.
+    """
+    info = check_data(data)
+    reg = _check_region(region, info)
+    main, _ = _pass_stats_products(data, info, None, reg, all_stats=False,
+                                   chunk_bytes=chunk_bytes)
+    return main.stats(info.det_shape)
+
+
+def _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes, all_stats):
+    info = check_data(data)
+    _check_normalisation(normalisation)
+    t, single = _check_templates(template, info)
+    reg = _check_region(region, info)
+    that = _standardise_templates(t, reg)
+    main, extra = _pass_stats_products(data, info, that, reg, all_stats=all_stats,
+                                       chunk_bytes=chunk_bytes)
+    stats = main.stats(info.det_shape)
+    r = _pcc_from(main, stats, normalisation).reshape((-1, *info.det_shape))
+    all_st = stats if reg is None else (extra.stats(info.det_shape) if extra else None)
+    return (r[0] if single else r), stats, all_st, info
+
+
+def pcc_mask(
+    data: Any,
+    template: Any,
+    *,
+    normalisation: str = "pcc",
+    region: Any = None,
+    chunk_bytes: int | None = None,
+) -> np.ndarray:
+    """PCC map (mask) of a template image with every pixel-STEM image (Eqs. 4-6, 8, 9).
+
+    One streaming pass accumulates the column sums, shifted sums of squares and
+    ``t̂ᵀ D`` together; with ``t̂`` zero-mean over the positions used,
+    ``r_k = (t̂ᵀ D)_k / (m σ_k)``.
+
+    Parameters
+    ----------
+    data : array-like
+        4D data ``[scan_y, scan_x, ky, kx]``; uint8/16/32 or float32/64; numpy, memmap,
+        zarr or dask.
+    template : array-like
+        Template image ``(scan_y, scan_x)`` or a stack ``(k, scan_y, scan_x)`` (all in the
+        same pass).  Only its shape matters up to scale and offset.
+    normalisation : {"pcc", "mean"}
+        ``"pcc"``: Pearson r (Eq. 4, population std), values in ``[-1, 1]``.
+        ``"mean"``: Eq. 8, the Pearson r of each column divided by that column's mean.
+    region : bool array (scan_y, scan_x), optional
+        Partial template: only these positions enter the template normalisation, the column
+        statistics and the correlation.
+    chunk_bytes : int, optional
+        Byte budget of one row chunk.
+
+    Returns
+    -------
+    ndarray
+        ``(ky, kx)`` or ``(k, ky, kx)`` float64.  Columns with zero variance (or zero mean
+        for ``"mean"``) give 0.
+
+    Raises
+    ------
+    ValueError
+        Bad shapes, zero-variance or non-finite template, empty region, unknown
+        normalisation, or NaN/Inf found in the data during the pass.
+    """
+    r, _, _, _ = _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes, False)
+    return r
+
+
+def apply_mask(
+    data: Any,
+    mask: Any,
+    *,
+    normalised: bool = True,
+    normalisation: str = "pcc",
+    threshold: float | None = None,
+    stats: ColumnStats | None = None,
+    chunk_bytes: int | None = None,
+) -> np.ndarray:
+    """Apply a (weighted) detector mask to every diffraction pattern (Eqs. 2 and 7).
+
+    Parameters
+    ----------
+    data : array-like
+        4D data ``[scan_y, scan_x, ky, kx]``.
+    mask : array-like
+        ``(ky, kx)`` or a stack ``(k, ky, kx)``, all applied in one pass.
+    normalised : bool
+        True: Eq. 7, ``s = D̂ rᵀ`` with the columns of D normalised as in :func:`pcc_mask`
+        (statistics over ALL probe positions).  False: Eq. 2, ``s = D rᵀ`` on the raw data.
+    normalisation : {"pcc", "mean"}
+        Column normalisation used when ``normalised`` (Eq. 4 or Eq. 8).
+    threshold : float, optional
+        Mask values ``<= threshold`` are set to 0 first (Fig. 2d uses ``threshold=0``).
+    stats : ColumnStats, optional
+        Precomputed all-position :func:`column_stats` (skips that pass).
+    chunk_bytes : int, optional
+        Byte budget of one row chunk.
+
+    Returns
+    -------
+    ndarray
+        ``(scan_y, scan_x)`` or ``(k, scan_y, scan_x)`` float64.  Scale: the plain sum
+        over detector pixels, ``s_j = Σ_k D̂_jk r_k`` -- no ``1/m`` or ``1/n`` factor; with
+        ``normalised=True`` the image has zero mean over the scan.  Zero-variance columns
+        (and zero-mean columns for ``"mean"``) contribute nothing.
+    """
+    info = check_data(data)
+    _check_normalisation(normalisation)
+    w, single = _check_masks(mask, info)
+    if threshold is not None:
+        if not np.isfinite(threshold):
+            raise ValueError("threshold must be finite")
+        w = np.where(w > threshold, w, 0.0)
+    if normalised:
+        st = column_stats(data, chunk_bytes=chunk_bytes) if stats is None else _check_stats(
+            stats, info)
+        wn = _weights_for(w, st, normalisation)
+        mu = st.mean.reshape(-1)
+    else:
+        wn = w
+        mu = np.zeros(info.n)
+    img = _pass_apply(data, info, wn, mu, chunk_bytes).reshape((-1, *info.scan_shape))
+    return img[0] if single else img
+
+
+def template_mask_image(
+    data: Any,
+    template: Any,
+    *,
+    normalisation: str = "pcc",
+    region: Any = None,
+    threshold: float | None = None,
+    chunk_bytes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """PCC mask from a template and the image it gives (Eq. 9 then Eq. 7), in two passes.
+
+    Pass 1 computes the mask (with the statistics of the positions in ``region``) and, in
+    the same pass, the all-position column statistics; pass 2 applies the mask to ``D̂``
+    normalised with the all-position statistics.
+
+    Returns
+    -------
+    mask, image : ndarray
+        As :func:`pcc_mask` and :func:`apply_mask` (stacks if ``template`` is a stack).
+    """
+    r, _, all_st, _ = _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes,
+                                          True)
+    img = apply_mask(data, r, normalised=True, normalisation=normalisation,
+                     threshold=threshold, stats=all_st, chunk_bytes=chunk_bytes)
+    return r, img
+
+
+def _normalised_chunk(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return (x.astype(np.float64) - mean) * scale
+
+
+def eigen_image(
+    data: Any,
+    *,
+    init: Any = None,
+    normalisation: str = "pcc",
+    n_iter: int = 200,
+    tol: float = 1e-8,
+    method: str = "auto",
+    chunk_bytes: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Leading eigenvector of ``C = D̂ D̂ᵀ`` (the first principal component image, Eq. 10).
+
+    Two strategies (``method``):
+
+    ``"gram"`` (default when ``n = ky*kx <= 2048``)
+        one pass accumulates the ``n x n`` matrix ``G = D̂ᵀ D̂`` in float64; its leading
+        eigenvector (numpy ``eigh``) is the mask direction; a second pass gives the image.
+    ``"power"``
+        power iteration on the mask side, ``r <- D̂ᵀ (D̂ r)``: each iteration is ONE
+        streaming pass (per chunk the image rows ``D̂_c r`` are formed and immediately folded
+        back into ``D̂_cᵀ (D̂_c r)``) -- i.e. iterating Eq. 7 with Eq. 6.
+
+    Parameters
+    ----------
+    init : array (scan_y, scan_x), optional
+        Starting image for power iteration (e.g. a virtual ADF image); its PCC-type mask
+        ``D̂ᵀ ŝ`` starts the iteration.  Default: a fixed pseudo-random image.
+    normalisation : {"pcc", "mean"}
+        Column normalisation of D̂ (Eq. 4 or 8).
+    n_iter, tol : int, float
+        Power iteration limits (relative change of the eigenvalue estimate).
+
+    Returns
+    -------
+    image : ndarray (scan_y, scan_x)
+        Unit-norm leading eigenvector ``s`` of ``C`` (``C s = λ s``), sign chosen so that the
+        mask has a non-negative sum.
+    mask : ndarray (ky, kx)
+        ``r = sᵀ D̂`` (Eq. 6 with the eigen-image), so ``D̂ rᵀ = λ s`` (Eq. 7).
+    eigenvalue : float
+        ``λ``, the largest eigenvalue of ``C`` (= of ``D̂ᵀ D̂``).
+    """
+    info = check_data(data)
+    _check_normalisation(normalisation)
+    if method not in ("auto", "gram", "power"):
+        raise ValueError(f"unknown method {method!r}; expected 'auto', 'gram' or 'power'")
+    if method == "auto":
+        method = "gram" if info.n <= 2048 else "power"
+    st = column_stats(data, chunk_bytes=chunk_bytes)
+    scale = _weights_for(np.ones((1, info.n)), st, normalisation)[0]
+    mean = st.mean.reshape(-1)
+    if method == "gram":
+        g = np.zeros((info.n, info.n))
+        for _, x in iter_row_chunks(data, info, chunk_bytes):
+            y = _normalised_chunk(x, mean, scale)
+            g += y.T @ y
+        check_finite_result(g)
+        evals, evecs = np.linalg.eigh(g)
+        lam = float(evals[-1])
+        v = evecs[:, -1]
+    else:
+        if init is None:
+            s0 = np.random.default_rng(0).standard_normal(info.m)
+        else:
+            s0 = np.asarray(init, dtype=np.float64)
+            if s0.shape != info.scan_shape:
+                raise ValueError(f"init shape {s0.shape} != scan shape {info.scan_shape}")
+            s0 = s0.reshape(-1)
+        if not np.all(np.isfinite(s0)):
+            raise ValueError("init contains NaN or Inf")
+        # starting mask r0 = D̂ᵀ s0 (one pass)
+        v = np.zeros(info.n)
+        for r0, x in iter_row_chunks(data, info, chunk_bytes):
+            y = _normalised_chunk(x, mean, scale)
+            v += s0[r0 : r0 + x.shape[0]] @ y
+        lam = 0.0
+        for _ in range(n_iter):
+            nv = np.linalg.norm(v)
+            if not np.isfinite(nv):
+                check_finite_result(v)
+            if nv == 0:
+                break
+            v = v / nv
+            gv = np.zeros(info.n)
+            for _, x in iter_row_chunks(data, info, chunk_bytes):
+                y = _normalised_chunk(x, mean, scale)
+                gv += (y @ v) @ y
+            check_finite_result(gv)
+            new_lam = float(v @ gv)
+            done = abs(new_lam - lam) <= tol * max(abs(new_lam), np.finfo(float).tiny)
+            lam, v = new_lam, gv
+            if done:
+                break
+        nv = np.linalg.norm(v)
+        v = v / nv if nv > 0 else v
+    # image s = D̂ v / sqrt(λ) (unit norm); mask r = D̂ᵀ s = sqrt(λ) v
+    s = _pass_apply(data, info, (v * scale)[None], mean, chunk_bytes)[0]
+    ns = np.linalg.norm(s)
+    s = s / ns if ns > 0 else s
+    r = v * (ns if ns > 0 else 0.0)
+    if r.sum() < 0:
+        r, s = -r, -s
+    return s.reshape(info.scan_shape), r.reshape(info.det_shape), lam

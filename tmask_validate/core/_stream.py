@@ -1,0 +1,142 @@
+"""Input validation and row-chunk streaming over 4D-STEM data.
+
+Every routine in :mod:`tmask_validate.core` sees the data as the matrix ``D`` of Eq. 1 in the
+paper: ``m = scan_y * scan_x`` rows (diffraction patterns) by ``n = ky * kx`` columns
+(pixel-STEM images).  The data are never loaded whole; :func:`iter_row_chunks` yields
+contiguous blocks of rows whose size follows from a byte budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Default number of bytes of raw data handed to a kernel at once.  Extra memory of a pass is
+#: at most a few such chunks (a copy for non-numpy inputs, a conversion for unusual dtypes)
+#: plus the float64 accumulators, well under 256 MiB.
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+
+#: dtypes the compiled kernels read directly; anything else real-valued is converted per chunk.
+NATIVE_DTYPES = (np.uint8, np.uint16, np.uint32, np.float32, np.float64)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """Shape information of a 4D dataset."""
+
+    scan_shape: tuple[int, int]
+    det_shape: tuple[int, int]
+    dtype: np.dtype
+
+    @property
+    def m(self) -> int:
+        """Number of probe positions (rows of D)."""
+        return self.scan_shape[0] * self.scan_shape[1]
+
+    @property
+    def n(self) -> int:
+        """Number of detector pixels (columns of D)."""
+        return self.det_shape[0] * self.det_shape[1]
+
+
+def check_data(data: Any) -> DataInfo:
+    """Validate a 4D dataset ``[scan_y, scan_x, ky, kx]`` and return its shape information.
+
+    Raises
+    ------
+    TypeError
+        If ``data`` has no ``shape``/``dtype`` or a non-real dtype.
+    ValueError
+        If ``data`` is not 4D or has an empty axis.
+    """
+    if isinstance(data, list | tuple):
+        data = np.asarray(data)
+    if not hasattr(data, "shape") or not hasattr(data, "dtype"):
+        raise TypeError(
+            "data must be an array-like with shape and dtype (numpy, np.memmap, zarr, dask), "
+            f"got {type(data).__name__}"
+        )
+    shape = tuple(int(s) for s in data.shape)
+    if len(shape) != 4:
+        raise ValueError(
+            f"data must be 4D [scan_y, scan_x, ky, kx], got shape {shape} ({len(shape)}D)"
+        )
+    if min(shape) < 1:
+        raise ValueError(f"data has an empty axis: shape {shape}")
+    dtype = np.dtype(data.dtype)
+    if dtype.kind not in "uifb":
+        raise TypeError(f"data dtype must be an integer or float type, got {dtype}")
+    return DataInfo(scan_shape=shape[:2], det_shape=shape[2:], dtype=dtype)
+
+
+def _as_2d_view(data: Any, info: DataInfo) -> np.ndarray | None:
+    """The (m, n) view of an in-memory/memmapped C-contiguous numpy array, else None."""
+    if isinstance(data, np.ndarray) and data.flags.c_contiguous:
+        return data.reshape(info.m, info.n)
+    return None
+
+
+def rows_per_chunk(info: DataInfo, chunk_bytes: int | None, itemsize: int | None = None) -> int:
+    """Number of D rows per chunk for a byte budget (at least one row)."""
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    item = info.dtype.itemsize if itemsize is None else itemsize
+    return max(1, budget // max(1, info.n * item))
+
+
+def kernel_dtype_chunk(chunk: np.ndarray) -> np.ndarray:
+    """Return ``chunk`` as a C-contiguous 2D array of a dtype the kernels read natively."""
+    if chunk.dtype.type not in NATIVE_DTYPES:
+        chunk = chunk.astype(np.float64)
+    return np.ascontiguousarray(chunk)
+
+
+def iter_row_chunks(
+    data: Any, info: DataInfo, chunk_bytes: int | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(first_row, block)`` with ``block`` a C-contiguous ``(rows, n)`` array.
+
+    Rows are rows of ``D`` (probe positions in C order).  C-contiguous numpy arrays and
+    memmaps are sliced without copying; other inputs (zarr, dask, strided numpy) are read one
+    block at a time.  Blocks hold at most ``chunk_bytes`` bytes of raw data (one row minimum).
+    """
+    per = rows_per_chunk(info, chunk_bytes)
+    view = _as_2d_view(data, info)
+    m = info.m
+    if view is not None:
+        for r0 in range(0, m, per):
+            yield r0, kernel_dtype_chunk(view[r0 : min(m, r0 + per)])
+        return
+    sy, sx = info.scan_shape
+    if per >= sx:
+        # whole scan rows per block; align with the storage chunking along scan_y if known
+        ny = per // sx
+        store_chunks = getattr(data, "chunks", None)
+        cy = None
+        if isinstance(store_chunks, tuple) and store_chunks:
+            first = store_chunks[0]
+            cy = int(first[0]) if isinstance(first, tuple) else int(first)
+        if cy and cy <= ny:
+            ny = (ny // cy) * cy
+        for y0 in range(0, sy, ny):
+            y1 = min(sy, y0 + ny)
+            block = np.asarray(data[y0:y1])
+            yield y0 * sx, kernel_dtype_chunk(block.reshape((y1 - y0) * sx, info.n))
+        return
+    for y in range(sy):
+        for x0 in range(0, sx, per):
+            x1 = min(sx, x0 + per)
+            block = np.asarray(data[y, x0:x1])
+            yield y * sx + x0, kernel_dtype_chunk(block.reshape(x1 - x0, info.n))
+
+
+def check_finite_result(*arrays: np.ndarray) -> None:
+    """Raise if any accumulator of a pass is non-finite: the data held NaN or Inf."""
+    for a in arrays:
+        if not np.all(np.isfinite(a)):
+            raise ValueError(
+                "data contain NaN or Inf values (detected during the streaming pass); "
+                "clean or mask them before computing masks/images"
+            )
