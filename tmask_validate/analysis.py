@@ -1,0 +1,928 @@
+"""One dataset in, every image and mask out: the analysis stage of the validation workflow.
+
+:func:`analyse_dataset` takes one 4D-STEM dataset (one structure x thickness x dose, or one
+experiment) and its atom-column site table and computes, with the streaming routines of
+:mod:`tmask_validate.core` (every template of a kind goes through the same passes as a stack):
+
+- virtual images (Eq. 2 on raw data): ``bf``, ``abf`` (11-23.5 mrad in the paper), ``adf`` and a
+  sweep of ABF inner/outer radii (``abfsweep_i<inner>_o<outer>``); the sweep member with the best
+  CNR of the lightest column type (inverted image) is copied to ``abf_best`` - the fairest ABF
+  baseline;
+- ``adf_pcc``: the PCC map of the virtual ADF image (Eq. 6, Fig. 2b) used as a mask (Eq. 7,
+  Fig. SI1); ``adf_opt``: the Eq. 8 ("mean") map of the ADF image, threshold r > 0, applied to
+  the raw data (Eq. 2, Fig. 2d);
+- ``icom``: integrated centre of mass (atoms bright);
+- ``eigen``: leading eigen-image of the correlation matrix C (Eq. 10), started from the ADF image;
+- template masks and images ``tm_<norm>_<kind>_<label>`` for every site label and ``all``, every
+  template kind (binary / disc / gaussian sigma sweep ``g0.35``) and both column normalisations
+  (``pcc`` Eq. 4, ``mean`` Eq. 8);
+- partial templates ``partial_<norm>_<kind>_<label>``: mask from a reference window of 1/9 of the
+  scan (1/3 per direction), image from the whole scan (paper Sec. 3.2). For a periodic one-cell
+  scan the window is 1/3 x 1/3 of the cell and may wrap across the cell edge, which is exactly a
+  1/9 window of the 3 x 3 tiled scan; it is placed to hold at least one column of each type
+  where possible (and, with a ``domain`` site column, one domain only);
+- controls against template bias: ``ctl_random_<norm>_<kind>`` (random sites at least
+  ``min_distance_A`` from every column), ``ctl_shift_<norm>_<kind>_<label>`` (the label's sites
+  moved by the vector that keeps them furthest from every column), and split-half versions
+  ``half_...`` whose masks come from the top half of the scan while their metrics are evaluated
+  on the bottom half only (held-out data).
+
+Everything is returned as one :class:`xarray.Dataset` (``masks`` (name, ky, kx), ``images``
+(name, scan_y, scan_x), ``templates`` (name, scan_y, scan_x), per-name coordinates describing
+each entry). :func:`dataset_metrics` turns it into a tidy metrics table with
+:mod:`tmask_validate.metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from tmask_validate import core, templates
+from tmask_validate.calibration import Calibration
+
+__all__ = [
+    "analysis_options",
+    "analyse_dataset",
+    "dataset_metrics",
+    "sites_from_dataset",
+    "sites_to_variables",
+    "lightest_label",
+    "partial_window",
+    "control_sites",
+    "ANALYSIS_VERSION",
+]
+
+#: bumped when the content of the analysis output changes meaning
+ANALYSIS_VERSION = 1
+
+#: atomic numbers of the elements our structures / experiments contain (composition parsing)
+_Z = {
+    "H": 1, "He": 2, "Li": 3, "Be": 4, "B": 5, "C": 6, "N": 7, "O": 8, "F": 9, "Na": 11,
+    "Mg": 12, "Al": 13, "Si": 14, "P": 15, "S": 16, "Cl": 17, "K": 19, "Ca": 20, "Sc": 21,
+    "Ti": 22, "V": 23, "Cr": 24, "Mn": 25, "Fe": 26, "Co": 27, "Ni": 28, "Cu": 29, "Zn": 30,
+    "Ga": 31, "Ge": 32, "As": 33, "Se": 34, "Sr": 38, "Y": 39, "Zr": 40, "Nb": 41, "Mo": 42,
+    "Ag": 47, "Sn": 50, "Ba": 56, "La": 57, "Ce": 58, "Hf": 72, "Ta": 73, "W": 74, "Pt": 78,
+    "Au": 79, "Pb": 82, "Bi": 83,
+}
+
+#: per-name coordinates of the output Dataset, with their fill values
+_NAME_COORDS = {
+    "family": "",  # virtual | abf_sweep | abf_best | adf_pcc | adf_opt | icom | eigen | template
+    #               | partial | control | half
+    "label": "",  # target column label ("all", "Li", ...; "" = none; "fake" = control sites)
+    "template_kind": "",  # binary | disc | gaussian | adf | ""
+    "sigma_A": 0.0,
+    "normalisation": "",  # pcc | mean | raw
+    "region": "full",  # scan region the mask was computed from: full | partial | top_half
+    "eval_region": "full",  # where metrics are evaluated: full | bottom_half
+    "polarity": 1.0,  # multiply the image by this before metrics/display (-1: inverted BF/ABF)
+    "inner_mrad": 0.0,
+    "outer_mrad": 0.0,
+    "has_mask": True,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# options
+# ----------------------------------------------------------------------------------------------
+def analysis_options(overrides: Mapping[str, Any] | None = None) -> dict:
+    """Analysis options: the ``analysis`` config section with every default filled in.
+
+    Parameters
+    ----------
+    overrides : mapping, optional
+        A (partial) ``analysis`` section; validated against
+        ``tmask_validate/schemas/analysis.schema.yaml``.
+
+    Returns
+    -------
+    dict
+        The complete section.
+
+    Raises
+    ------
+    ValueError
+        If ``overrides`` violates the schema.
+    """
+    from tmask_validate.config import validate_config
+
+    cfg = validate_config({"name": "analysis", "seed": 0, "analysis": dict(overrides or {})})
+    return cfg["analysis"]
+
+
+# ----------------------------------------------------------------------------------------------
+# site tables
+# ----------------------------------------------------------------------------------------------
+def sites_from_dataset(ds: xr.Dataset) -> pd.DataFrame:
+    """Site table stored as ``site_*`` variables on dim ``site`` (simulation store layout)."""
+    if "site_label" not in ds:
+        raise ValueError("dataset has no site table (variables site_label, site_y_A, site_x_A)")
+    out = {}
+    for var in ds.data_vars:
+        if str(var).startswith("site_") and ds[var].dims == ("site",):
+            out[str(var)[5:]] = ds[var].values
+    df = pd.DataFrame(out)
+    df["label"] = df["label"].astype(str)
+    return df
+
+
+def sites_to_variables(sites: pd.DataFrame) -> dict[str, xr.DataArray]:
+    """Inverse of :func:`sites_from_dataset`: ``site_<column>`` variables on dim ``site``."""
+    out = {}
+    for col in sites.columns:
+        vals = sites[col].to_numpy()
+        if vals.dtype == object:
+            vals = vals.astype(str)
+        out[f"site_{col}"] = xr.DataArray(vals, dims=("site",))
+    return out
+
+
+def _composition_z(composition: str, label: str) -> int:
+    """Largest atomic number in a composition string such as ``"P1O1"`` (else in the label)."""
+    for text in (composition, label):
+        els = [e for e in re.findall(r"[A-Z][a-z]?", str(text)) if e in _Z]
+        if els:
+            return max(_Z[e] for e in els)
+    return 10**6
+
+
+def lightest_label(sites: pd.DataFrame) -> str:
+    """Label of the column type whose heaviest element is lightest (Li in LiFePO4, O in PbTiO3).
+
+    Uses the ``composition`` column when present, otherwise element symbols in the label.
+    """
+    s = templates.validate_sites(sites)
+    comps = s["composition"] if "composition" in s else s["label"]
+    best, best_z = None, None
+    for lab, comp in zip(s["label"], comps, strict=True):
+        z = _composition_z(str(comp), lab)
+        if best_z is None or z < best_z:
+            best, best_z = lab, z
+    return str(best)
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry helpers
+# ----------------------------------------------------------------------------------------------
+def _site_px(sites: pd.DataFrame, step_A, origin_A) -> np.ndarray:
+    return templates.sites_to_pixels(sites, step_A, origin_A)
+
+
+def _count_in_region(yx_px: np.ndarray, region: np.ndarray, periodic: bool) -> np.ndarray:
+    """Per-site flag: nearest pixel inside ``region``."""
+    sy, sx = region.shape
+    idx = np.floor(yx_px + 0.5).astype(np.int64)
+    if periodic:
+        idx = np.mod(idx, (sy, sx))
+        ok = np.ones(len(idx), bool)
+    else:
+        ok = (idx[:, 0] >= 0) & (idx[:, 0] < sy) & (idx[:, 1] >= 0) & (idx[:, 1] < sx)
+    inside = np.zeros(len(idx), bool)
+    inside[ok] = region[idx[ok, 0], idx[ok, 1]]
+    return inside
+
+
+def partial_window(
+    sites: pd.DataFrame,
+    scan_shape: tuple[int, int],
+    *,
+    step_A,
+    origin_A=(0.0, 0.0),
+    fraction: float = 1.0 / 3.0,
+    periodic: bool = False,
+) -> np.ndarray:
+    """Boolean reference window (``fraction`` of the scan per direction) for partial templates.
+
+    The window is placed (wrapping across the edges when ``periodic``) to maximise the smallest
+    number of columns of any type inside it; with a ``domain`` column in ``sites`` windows that
+    hold a single domain are preferred; ties go to the window nearest the scan centre.
+
+    Returns
+    -------
+    numpy.ndarray of bool, shape ``scan_shape``
+    """
+    sy, sx = (int(v) for v in scan_shape)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    wy, wx = max(1, round(sy * fraction)), max(1, round(sx * fraction))
+    s = templates.validate_sites(sites)
+    yx = _site_px(s, step_A, origin_A)
+    labels = s["label"].to_numpy()
+    uniq = list(dict.fromkeys(labels))
+    domains = s["domain"].to_numpy() if "domain" in s else None
+    oy_range = range(sy) if periodic else range(sy - wy + 1)
+    ox_range = range(sx) if periodic else range(sx - wx + 1)
+    best_key, best = None, None
+    for oy in oy_range:
+        for ox in ox_range:
+            reg = np.zeros((sy, sx), bool)
+            rows = np.arange(oy, oy + wy) % sy
+            cols = np.arange(ox, ox + wx) % sx
+            reg[np.ix_(rows, cols)] = True
+            inside = _count_in_region(yx, reg, periodic)
+            counts = [int(np.sum(inside & (labels == lab))) for lab in uniq]
+            single = 1
+            if domains is not None and inside.any():
+                single = int(len(set(domains[inside].tolist())) == 1)
+            dist = -((oy + wy / 2 - sy / 2) ** 2 + (ox + wx / 2 - sx / 2) ** 2)
+            key = (single, min(counts), sum(counts), dist)
+            if best_key is None or key > best_key:
+                best_key, best = key, reg
+    return best
+
+
+def _min_dist_A(points_A: np.ndarray, sites_yx_A: np.ndarray, period_A) -> np.ndarray:
+    d = points_A[:, None, :] - sites_yx_A[None, :, :]
+    if period_A is not None:
+        per = np.asarray(period_A, float)
+        d = d - per * np.round(d / per)
+    return np.sqrt((d**2).sum(-1)).min(axis=1)
+
+
+def control_sites(
+    sites: pd.DataFrame,
+    scan_shape: tuple[int, int],
+    *,
+    step_A,
+    origin_A=(0.0, 0.0),
+    periodic: bool = False,
+    n_random: int | None = None,
+    min_distance_A: float = 0.7,
+    seed: int = 0,
+) -> dict[str, pd.DataFrame]:
+    """Wrong-site control site tables, all labelled ``"fake"``.
+
+    Returns ``{"random": ..., "shift_<label>": ...}``: ``random`` holds ``n_random`` positions
+    (default: as many as the most numerous column type) drawn uniformly on scan pixels that are
+    at least ``min_distance_A`` from every real column (the threshold is lowered in steps when
+    too few pixels qualify); ``shift_<label>`` is the label's sites moved by the shift vector (on
+    a 1/20-cell grid) that maximises their smallest distance from every real column.
+    """
+    s = templates.validate_sites(sites)
+    sy, sx = (int(v) for v in scan_shape)
+    step = np.asarray(templates.as_pair(step_A, "step_A"))
+    origin = np.asarray(templates.as_pair(origin_A, "origin_A", positive=False))
+    period = step * (sy, sx) if periodic else None
+    real = s[["y_A", "x_A"]].to_numpy(float)
+    rng = np.random.default_rng(seed)
+    py, px = np.mgrid[0:sy, 0:sx]
+    pix_A = np.stack([py.ravel(), px.ravel()], 1) * step + origin
+    dmin = _min_dist_A(pix_A, real, period)
+    counts = s["label"].value_counts()
+    n = int(n_random or counts.max())
+    thr = float(min_distance_A)
+    allowed = np.flatnonzero(dmin >= thr)
+    while allowed.size < n and thr > 0:
+        thr *= 0.8
+        allowed = np.flatnonzero(dmin >= thr) if thr > 1e-3 else np.arange(dmin.size)
+    n = min(n, allowed.size)
+    pick = rng.choice(allowed, size=n, replace=False)
+    out = {"random": pd.DataFrame({"label": "fake", "y_A": pix_A[pick, 0], "x_A": pix_A[pick, 1]})}
+    extent = step * (sy, sx)
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 20, endpoint=False),
+                                np.linspace(0, 1, 20, endpoint=False), indexing="ij"), -1)
+    shifts = grid.reshape(-1, 2)[1:] * extent
+    for lab in dict.fromkeys(s["label"]):
+        own = real[(s["label"] == lab).to_numpy()]
+        best_shift, best_d = None, -1.0
+        for sh in shifts:
+            moved = own + sh
+            if not periodic:
+                inside = np.all((moved >= origin) & (moved < origin + extent), axis=1)
+                if inside.sum() < max(1, len(own) // 2):
+                    continue
+                moved = moved[inside]
+            d = _min_dist_A(moved, real, period).min()
+            if d > best_d + 1e-9:
+                best_shift, best_d = sh, d
+        if best_shift is None:
+            continue
+        moved = own + best_shift
+        if not periodic:
+            moved = moved[np.all((moved >= origin) & (moved < origin + extent), axis=1)]
+        out[f"shift_{lab}"] = pd.DataFrame({"label": "fake", "y_A": moved[:, 0],
+                                            "x_A": moved[:, 1]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the analysis
+# ----------------------------------------------------------------------------------------------
+class _Collector:
+    """Accumulates named masks/images/templates with their descriptive coordinates."""
+
+    def __init__(self, det_shape, scan_shape):
+        self.det_shape, self.scan_shape = tuple(det_shape), tuple(scan_shape)
+        self.names: list[str] = []
+        self.masks: list[np.ndarray] = []
+        self.images: list[np.ndarray] = []
+        self.tmpls: list[np.ndarray] = []
+        self.coords: dict[str, list] = {k: [] for k in _NAME_COORDS}
+
+    def add(self, name, image, mask=None, template=None, **coords):
+        if name in self.names:
+            raise ValueError(f"duplicate analysis entry {name!r}")
+        image = np.asarray(image, dtype=np.float64)
+        if image.shape != self.scan_shape:
+            raise ValueError(f"{name}: image shape {image.shape} != scan shape {self.scan_shape}")
+        image = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
+        has_mask = mask is not None
+        mask = np.zeros(self.det_shape) if mask is None else np.asarray(mask, dtype=np.float64)
+        template = np.zeros(self.scan_shape) if template is None else np.asarray(template, float)
+        self.names.append(name)
+        self.images.append(image.astype(np.float32))
+        self.masks.append(np.nan_to_num(mask).astype(np.float32))
+        self.tmpls.append(template.astype(np.float32))
+        coords.setdefault("has_mask", has_mask)
+        unknown = set(coords) - set(_NAME_COORDS)
+        if unknown:
+            raise ValueError(f"unknown coords {unknown}")
+        for key, fill in _NAME_COORDS.items():
+            self.coords[key].append(coords.get(key, fill))
+
+
+def _center_px(calibration: Calibration, mean_pattern: np.ndarray) -> tuple[float, float]:
+    if calibration.center_px is not None:
+        return tuple(calibration.center_px)
+    w = np.clip(mean_pattern, 0, None)
+    tot = w.sum()
+    if tot <= 0:
+        return ((w.shape[0] - 1) / 2, (w.shape[1] - 1) / 2)
+    iy, ix = np.indices(w.shape)
+    return (float((iy * w).sum() / tot), float((ix * w).sum() / tot))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, float).ravel() - np.mean(a)
+    b = np.asarray(b, float).ravel() - np.mean(b)
+    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else 0.0
+
+
+def _sigma_tag(sigma: float) -> str:
+    return f"g{sigma:.2f}".rstrip("0").rstrip(".")
+
+
+def _template_sets(sites, scan_shape, *, step_A, origin_A, periodic, opts, region=None,
+                   kinds=None, sigmas=None):
+    """``[(kind_tag, kind, sigma_A, {label: template})]`` for the configured template kinds."""
+    topt = opts["templates"]
+    kinds = list(kinds or topt["kinds"])
+    sigmas = list(sigmas if sigmas is not None else topt["gaussian_sigma_A"])
+    out = []
+    common = dict(step_A=step_A, origin_A=origin_A, periodic=periodic, region=region)
+    for kind in kinds:
+        if kind == "gaussian":
+            for sig in sigmas:
+                out.append((_sigma_tag(sig), "gaussian", float(sig),
+                            _safe_templates(sites, scan_shape, kind="gaussian", sigma_A=sig,
+                                            **common)))
+        elif kind == "disc":
+            out.append(("disc", "disc", 0.0,
+                        _safe_templates(sites, scan_shape, kind="disc",
+                                        radius_A=topt["disc_radius_A"], **common)))
+        else:
+            out.append(("binary", "binary", 0.0,
+                        _safe_templates(sites, scan_shape, kind="binary", **common)))
+    return out
+
+
+def _safe_templates(sites, scan_shape, **kw) -> dict[str, np.ndarray]:
+    """species_templates, one label at a time, skipping labels that give no usable template."""
+    s = templates.validate_sites(sites)
+    out = {}
+    labels = list(dict.fromkeys(s["label"]))
+    for lab in labels + ["all"]:
+        try:
+            if lab == "all":
+                t = templates.species_templates(s, scan_shape, labels=[], include_all=True, **kw)
+                out["all"] = t["all"]
+            else:
+                t = templates.species_templates(s, scan_shape, labels=[lab], include_all=False,
+                                                **kw)
+                out[lab] = t[lab]
+        except ValueError as exc:
+            warnings.warn(f"template {lab!r} skipped: {exc}", stacklevel=3)
+    return out
+
+
+def _control_templates(ctl_sites, scan_shape, *, step_A, origin_A, periodic, kind, sigma_A,
+                       radius_A, region=None) -> dict[str, np.ndarray]:
+    out = {}
+    for key, tab in ctl_sites.items():
+        if len(tab) == 0:
+            continue
+        try:
+            yx = templates.sites_to_pixels(tab, step_A, origin_A)
+            step = templates.as_pair(step_A, "step_A")
+            out[key] = templates.make_template(
+                yx, scan_shape, kind=kind, periodic=periodic, region=region,
+                sigma_px=None if sigma_A is None else (sigma_A / step[0], sigma_A / step[1]),
+                radius_px=None if radius_A is None else (radius_A / step[0], radius_A / step[1]),
+            )
+        except ValueError as exc:
+            warnings.warn(f"control template {key!r} skipped: {exc}", stacklevel=2)
+    return out
+
+
+def _stack(named: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+    return np.stack([np.asarray(t, np.float64) for _, t in named], axis=0)
+
+
+def _binned_dmatrix(data, stats, angle, max_cols: int, adf_image: np.ndarray):
+    """Fig. 1c: rows sorted by ADF intensity, columns by scattering angle, each column normalised
+    (Eq. 4), then averaged in groups of adjacent columns to at most ``max_cols`` columns."""
+    order_cols = np.argsort(angle.ravel(), kind="stable")
+    order_rows = np.argsort(np.asarray(adf_image).ravel(), kind="stable")
+    n = order_cols.size
+    nb = min(max_cols, n)
+    edges = np.linspace(0, n, nb + 1).astype(int)
+    sy, sx = adf_image.shape
+    out = np.zeros((sy * sx, nb), np.float32)
+    mean = np.asarray(stats.mean).ravel()
+    std = np.asarray(stats.std).ravel()
+    ok = std > 0
+    rows_per = max(1, int(2**24 // max(1, n * 8)))
+    flat_rows = np.arange(sy * sx)
+    for r0 in range(0, sy * sx, rows_per):
+        rr = flat_rows[r0:r0 + rows_per]
+        iy, ix = np.unravel_index(rr, (sy, sx))
+        block = np.asarray(data[iy.min():iy.max() + 1], dtype=np.float64)
+        block = block.reshape(-1, n)
+        # rows of this block in raster order
+        lin = (iy - iy.min()) * sx + ix
+        block = block[lin]
+        z = np.where(ok, (block - mean) / np.where(ok, std, 1.0), 0.0)[:, order_cols]
+        cs = np.concatenate([np.zeros((z.shape[0], 1)), np.cumsum(z, axis=1)], axis=1)
+        out[rr] = ((cs[:, edges[1:]] - cs[:, edges[:-1]]) / np.diff(edges)).astype(np.float32)
+    out = out[order_rows]
+    col_angle = np.array([angle.ravel()[order_cols[a:b]].mean() for a, b in zip(edges[:-1],
+                                                                              edges[1:],
+                                                                              strict=True)])
+    return out, col_angle
+
+
+def analyse_dataset(
+    data: Any,
+    sites: pd.DataFrame,
+    calibration: Calibration,
+    *,
+    cell_A: Sequence[float] | None = None,
+    periodic: bool = False,
+    options: Mapping[str, Any] | None = None,
+    origin_A: Sequence[float] = (0.0, 0.0),
+    meta: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Every image and mask of the validation for one 4D dataset.
+
+    Parameters
+    ----------
+    data : array_like, shape (scan_y, scan_x, ky, kx)
+        numpy / memmap / zarr / dask; streamed by :mod:`tmask_validate.core`.
+    sites : pandas.DataFrame
+        Site table (``label``, ``y_A``, ``x_A``, optional ``composition``, ``n_atoms``,
+        ``domain``) in the scan frame (Å; pixel ``[0, 0]`` at ``origin_A``).
+    calibration : Calibration
+        Scan step, detector sampling and centre (``center_px=None``: centroid of the mean
+        pattern).
+    cell_A : (float, float), optional
+        Projected cell ``(Ly, Lx)`` in Å (stored; used for unit-cell averages).
+    periodic : bool
+        The scan covers whole projected cells (images are periodic).
+    options : mapping, optional
+        ``analysis`` config section (see :func:`analysis_options`).
+    origin_A : (float, float)
+        Scan position (Å) of pixel ``[0, 0]``.
+    meta : mapping, optional
+        Extra JSON-able attributes (structure, thickness_nm, dose_key, ...).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``masks`` (name, ky, kx), ``images`` (name, scan_y, scan_x), ``templates`` (name, scan_y,
+        scan_x) with per-name coordinates (``family``, ``label``, ``template_kind``, ``sigma_A``,
+        ``normalisation``, ``region``, ``eval_region``, ``polarity``, ``inner_mrad``,
+        ``outer_mrad``, ``has_mask``), regions, mean pattern, scattering angles, the sorted D
+        matrix (Fig. 1c), the site table (``site_*``) and attrs (calibration JSON, options JSON,
+        cell_A, periodic, best ABF radii, eigenvalue, ...).
+
+    Raises
+    ------
+    ValueError
+        Bad data shape, empty site table, or detectors entirely outside the recorded angles.
+    """
+    opts = analysis_options(options)
+    if not isinstance(calibration, Calibration):
+        raise ValueError(f"calibration must be a Calibration, got {type(calibration).__name__}")
+    shape = tuple(int(v) for v in data.shape)
+    if len(shape) != 4:
+        raise ValueError(f"data must be 4D [scan_y, scan_x, ky, kx], got shape {shape}")
+    scan_shape, det_shape = shape[:2], shape[2:]
+    sites = templates.validate_sites(sites)
+    step_A = calibration.step_A
+    origin_A = tuple(float(v) for v in origin_A)
+    notes: list[str] = []
+
+    # ---- pass: column statistics (shared by every normalised image) ----
+    stats = core.column_stats(data)
+    mean_pattern = np.asarray(stats.mean, np.float64)
+    center_px = _center_px(calibration, mean_pattern)
+    angle = np.asarray(core.scattering_angle_mrad(det_shape, center_px=center_px,
+                                                  mrad_per_px=calibration.mrad_per_px))
+    max_angle = float(angle.max())
+    col = _Collector(det_shape, scan_shape)
+
+    # ---- virtual detectors (one pass for all, incl. the ABF sweep) ----
+    dets: dict[str, tuple[float, float]] = {}
+    for name, (inner, outer) in opts["detectors_mrad"].items():
+        outer_c = min(float(outer), max_angle)
+        if inner >= outer_c:
+            raise ValueError(f"virtual detector {name!r} ({inner}-{outer} mrad) lies outside the "
+                             f"recorded angles (max {max_angle:.1f} mrad)")
+        if outer_c < outer:
+            notes.append(f"{name}: outer radius clipped to {outer_c:.1f} mrad")
+        dets[name] = (float(inner), outer_c)
+    sweep = {}
+    for inner in opts["abf_sweep"]["inner_mrad"]:
+        for outer in opts["abf_sweep"]["outer_mrad"]:
+            outer_c = min(float(outer), max_angle)
+            if inner < outer_c and outer_c == float(outer):
+                sweep[f"abfsweep_i{inner:g}_o{outer:g}"] = (float(inner), float(outer))
+    all_dets = {**dets, **sweep}
+    det_masks = core.virtual_detector_masks(det_shape, all_dets, center_px=center_px,
+                                            mrad_per_px=calibration.mrad_per_px)
+    det_masks = {k: v for k, v in det_masks.items() if np.any(v)}
+    vimgs = core.virtual_images(data, det_masks)
+    for name in dets:
+        if name not in vimgs:
+            raise ValueError(f"virtual detector {name!r} covers no detector pixel")
+        col.add(name, vimgs[name], det_masks[name], family="virtual", normalisation="raw",
+                polarity=-1.0 if name in ("bf", "abf") else 1.0,
+                inner_mrad=dets[name][0], outer_mrad=dets[name][1])
+    for name in sweep:
+        if name in vimgs:
+            col.add(name, vimgs[name], det_masks[name], family="abf_sweep", normalisation="raw",
+                    polarity=-1.0, inner_mrad=sweep[name][0], outer_mrad=sweep[name][1])
+    adf = np.asarray(vimgs["adf"], np.float64)
+
+    # best ABF by CNR of the lightest (or chosen) column type, inverted image
+    target = opts["abf_sweep"]["target_label"] or lightest_label(sites)
+    best_name, best_cnr = "abf", -np.inf
+    radius_A = opts["metrics"]["radius_A"]
+    for name in ["abf", *[n for n in sweep if n in vimgs]]:
+        c = _cnr(-np.asarray(vimgs[name], float), sites, target, step_A=step_A,
+                 origin_A=origin_A, radius_A=radius_A, periodic=periodic)
+        if c > best_cnr:
+            best_name, best_cnr = name, c
+    inner, outer = all_dets[best_name]
+    col.add("abf_best", vimgs[best_name], det_masks[best_name], family="abf_best",
+            normalisation="raw", polarity=-1.0, inner_mrad=inner, outer_mrad=outer, label=target)
+
+    # ---- iCoM ----
+    icom = core.integrated_center_of_mass(
+        data, step_A=step_A, center_px=center_px, mrad_per_px=calibration.mrad_per_px,
+        rotation_deg=calibration.scan_rotation_deg, **_icom_kwargs(opts))
+    col.add("icom", icom, None, family="icom", normalisation="raw")
+
+    # ---- optimised ADF (Eq. 8 map of the ADF image, r > 0, raw data) ----
+    r_mean = np.asarray(core.pcc_mask(data, adf, normalisation="mean"), np.float64)
+    r_thr = np.where(r_mean > 0, r_mean, 0.0)
+    adf_opt = core.apply_mask(data, r_thr, normalised=False)
+    col.add("adf_opt", adf_opt, r_thr, template=adf, family="adf_opt", template_kind="adf",
+            normalisation="mean")
+
+    # ---- eigen-image of C, started from the ADF image ----
+    eig_img, eig_mask, eig_val = core.eigen_image(
+        data, init=adf, normalisation="pcc", n_iter=opts["eigen"]["n_iter"],
+        tol=opts["eigen"]["tol"])
+    eig_img, eig_mask = np.asarray(eig_img, float), np.asarray(eig_mask, float)
+    if _pearson(eig_img, adf) < 0:
+        eig_img, eig_mask = -eig_img, -eig_mask
+    col.add("eigen", eig_img, eig_mask, family="eigen", normalisation="pcc")
+
+    # ---- template stacks: full-scan templates (+ ADF image + controls) ----
+    tsets = _template_sets(sites, scan_shape, step_A=step_A, origin_A=origin_A,
+                           periodic=periodic, opts=opts)
+    sig_list = opts["templates"]["gaussian_sigma_A"]
+    ref_sigma = opts["templates"]["reference_sigma_A"]
+    if ref_sigma is None:
+        ref_sigma = float(sorted(sig_list)[len(sig_list) // 2]) if sig_list else 0.35
+    ref_kinds = [("binary", "binary", None), (_sigma_tag(ref_sigma), "gaussian", ref_sigma)]
+    full: list[tuple[str, np.ndarray, dict]] = []
+    full.append(("adf_pcc", adf, dict(family="adf_pcc", template_kind="adf")))
+    for tag, kind, sig, tdict in tsets:
+        for lab, t in tdict.items():
+            full.append((f"{{norm}}_{tag}_{lab}", t,
+                         dict(family="template", label=lab, template_kind=kind, sigma_A=sig)))
+    copt = opts["controls"]
+    ctl = {}
+    if copt["enabled"]:
+        ctl = control_sites(sites, scan_shape, step_A=step_A, origin_A=origin_A,
+                            periodic=periodic, n_random=copt["n_random"],
+                            min_distance_A=copt["min_distance_A"], seed=copt["seed"])
+        for tag, kind, sig in ref_kinds:
+            ct = _control_templates(ctl, scan_shape, step_A=step_A, origin_A=origin_A,
+                                    periodic=periodic, kind=kind, sigma_A=sig, radius_A=None)
+            for key, t in ct.items():
+                full.append((f"ctl_{key.split('_')[0]}_{{norm}}_{tag}"
+                             + (f"_{key[6:]}" if key.startswith("shift_") else ""), t,
+                             dict(family="control", label="fake", template_kind=kind,
+                                  sigma_A=sig or 0.0)))
+    _run_stack(data, stats, col, full, opts, region_name="full", region=None)
+
+    # ---- partial templates (mask from a 1/9 window, image everywhere) ----
+    regions = {}
+    if opts["partial"]["enabled"]:
+        reg = partial_window(sites, scan_shape, step_A=step_A, origin_A=origin_A,
+                             fraction=opts["partial"]["fraction"], periodic=periodic)
+        regions["partial"] = reg
+        part = []
+        for tag, kind, sig, tdict in _template_sets(
+                sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=periodic,
+                opts=opts, region=reg, kinds=["binary", "gaussian"], sigmas=[ref_sigma]):
+            for lab, t in tdict.items():
+                part.append((f"partial_{{norm}}_{tag}_{lab}", t,
+                             dict(family="partial", label=lab, template_kind=kind,
+                                  sigma_A=sig)))
+        _run_stack(data, stats, col, part, opts, region_name="partial", region=reg)
+
+    # ---- split-half: masks from the top half, metrics on the bottom half ----
+    if copt["enabled"] and scan_shape[0] >= 4:
+        top = np.zeros(scan_shape, bool)
+        top[: scan_shape[0] // 2] = True
+        regions["top_half"] = top
+        half = []
+        for tag, kind, sig, tdict in _template_sets(
+                sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=periodic,
+                opts=opts, region=top, kinds=["binary", "gaussian"], sigmas=[ref_sigma]):
+            for lab, t in tdict.items():
+                half.append((f"half_{{norm}}_{tag}_{lab}", t,
+                             dict(family="half", label=lab, template_kind=kind, sigma_A=sig,
+                                  eval_region="bottom_half")))
+        for tag, kind, sig in ref_kinds:
+            ct = _control_templates(ctl, scan_shape, step_A=step_A, origin_A=origin_A,
+                                    periodic=periodic, kind=kind, sigma_A=sig, radius_A=None,
+                                    region=top)
+            for key, t in ct.items():
+                half.append((f"half_ctl_{key.split('_')[0]}_{{norm}}_{tag}"
+                             + (f"_{key[6:]}" if key.startswith("shift_") else ""), t,
+                             dict(family="half_control", label="fake", template_kind=kind,
+                                  sigma_A=sig or 0.0, eval_region="bottom_half")))
+        _run_stack(data, stats, col, half, opts, region_name="top_half", region=top)
+
+    # ---- Fig. 1c sorted D matrix ----
+    dmat, dcol_angle = _binned_dmatrix(data, stats, angle, opts["dmatrix"]["max_columns"], adf)
+
+    return _to_dataset(
+        col, data_shape=shape, calibration=calibration, center_px=center_px, angle=angle,
+        mean_pattern=mean_pattern, regions=regions, sites=sites, ctl=ctl, dmat=dmat,
+        dcol_angle=dcol_angle, opts=opts, cell_A=cell_A, periodic=periodic, origin_A=origin_A,
+        meta=dict(meta or {}), notes=notes,
+        extra_attrs={"abf_best_from": best_name, "abf_best_target": target,
+                     "abf_best_cnr": float(best_cnr) if np.isfinite(best_cnr) else 0.0,
+                     "eigenvalue": float(eig_val), "reference_sigma_A": float(ref_sigma)},
+    )
+
+
+def _icom_kwargs(opts) -> dict:
+    hp = opts["icom"]["highpass"]
+    return {"highpass": hp} if hp else {}
+
+
+def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, region):
+    """PCC masks of a stack of templates (one pass per normalisation) and their Eq. 7 images
+    (one pass per normalisation, all-position statistics)."""
+    if not entries:
+        return
+    stack = _stack([(n, t) for n, t, _ in entries])
+    for norm in opts["templates"]["normalisations"]:
+        masks = np.asarray(core.pcc_mask(data, stack, normalisation=norm, region=region))
+        if masks.ndim == 2:
+            masks = masks[None]
+        imgs = np.asarray(core.apply_mask(data, masks, normalised=True, normalisation=norm,
+                                          stats=stats))
+        if imgs.ndim == 2:
+            imgs = imgs[None]
+        for i, (name, t, coords) in enumerate(entries):
+            if name == "adf_pcc" and norm != "pcc":
+                continue
+            nm = name.replace("{norm}", norm)
+            if not nm.startswith(("partial_", "half_", "ctl_", "adf_pcc")):
+                nm = "tm_" + nm
+            col.add(nm, imgs[i], masks[i], template=t, normalisation=norm, region=region_name,
+                    **coords)
+
+
+def _cnr(image, sites, label, *, step_A, origin_A, radius_A, periodic) -> float:
+    """CNR of ``label`` columns in ``image`` via :func:`tmask_validate.metrics.cnr`."""
+    from tmask_validate import metrics
+
+    try:
+        val = metrics.cnr(image, sites, label, step_A=step_A, origin_A=origin_A,
+                          radius_A=radius_A, periodic=periodic)
+    except ValueError:
+        return -np.inf
+    val = float(val)
+    return val if np.isfinite(val) else -np.inf
+
+
+def _to_dataset(col: _Collector, *, data_shape, calibration, center_px, angle, mean_pattern,
+                regions, sites, ctl, dmat, dcol_angle, opts, cell_A, periodic, origin_A, meta,
+                notes, extra_attrs) -> xr.Dataset:
+    sy, sx, ny, nx = data_shape
+    cy, cx = center_px
+    ky = (np.arange(ny) - cy) * calibration.mrad_per_px[0]
+    kx = (np.arange(nx) - cx) * calibration.mrad_per_px[1]
+    scan_y = origin_A[0] + np.arange(sy) * calibration.step_A[0]
+    scan_x = origin_A[1] + np.arange(sx) * calibration.step_A[1]
+    coords = {
+        "name": np.array(col.names, dtype=str),
+        "ky": ky, "kx": kx, "scan_y": scan_y, "scan_x": scan_x,
+    }
+    for key, vals in col.coords.items():
+        arr = np.asarray(vals)
+        if arr.dtype == object:
+            arr = arr.astype(str)
+        coords[key] = ("name", arr)
+    ds = xr.Dataset(
+        {
+            "masks": (("name", "ky", "kx"), np.stack(col.masks)),
+            "images": (("name", "scan_y", "scan_x"), np.stack(col.images)),
+            "templates": (("name", "scan_y", "scan_x"), np.stack(col.tmpls)),
+            "mean_pattern": (("ky", "kx"), mean_pattern.astype(np.float32)),
+            "angle_mrad": (("ky", "kx"), np.asarray(angle, np.float32)),
+            "dmatrix": (("d_row", "d_col"), dmat),
+            "dmatrix_col_angle_mrad": (("d_col",), dcol_angle.astype(np.float32)),
+        },
+        coords=coords,
+    )
+    for key, reg in regions.items():
+        ds[f"region_{key}"] = (("scan_y", "scan_x"), np.asarray(reg, np.uint8))
+    for key, var in sites_to_variables(sites).items():
+        ds[key] = var
+    for key, tab in ctl.items():
+        ds[f"control_{key}_y_A"] = (f"control_{key}",
+                                    tab["y_A"].to_numpy(float))
+        ds[f"control_{key}_x_A"] = (f"control_{key}",
+                                    tab["x_A"].to_numpy(float))
+    cal = calibration.to_dict()
+    cal["center_px"] = [float(cy), float(cx)]
+    ds.attrs.update({
+        "calibration": json.dumps(cal),
+        "options": json.dumps(opts),
+        "cell_A": json.dumps(None if cell_A is None else [float(v) for v in cell_A]),
+        "periodic": int(bool(periodic)),
+        "origin_A": json.dumps(list(origin_A)),
+        "analysis_version": ANALYSIS_VERSION,
+        "notes": json.dumps(notes),
+        "meta": json.dumps(meta, default=str),
+        "control_keys": json.dumps(sorted(ctl)),
+        **extra_attrs,
+    })
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics of one analysed dataset
+# ----------------------------------------------------------------------------------------------
+def control_tables(ads: xr.Dataset) -> dict[str, pd.DataFrame]:
+    """The control site tables stored by :func:`analyse_dataset` (label ``"fake"``)."""
+    out = {}
+    for key in json.loads(ads.attrs.get("control_keys", "[]")):
+        out[key] = pd.DataFrame({"label": "fake",
+                                 "y_A": ads[f"control_{key}_y_A"].values,
+                                 "x_A": ads[f"control_{key}_x_A"].values})
+    return out
+
+
+def _eval_view(image, sites, region_name, *, step_A, origin_A, periodic):
+    """Crop to the evaluation region (bottom half) and keep the sites inside it."""
+    if region_name != "bottom_half":
+        return image, sites, origin_A, periodic
+    sy = image.shape[0]
+    y0 = sy // 2
+    sub = image[y0:]
+    org = (origin_A[0] + y0 * step_A[0], origin_A[1])
+    s = sites.copy()
+    if periodic:
+        ly, lx = sy * step_A[0], image.shape[1] * step_A[1]
+        s["y_A"] = origin_A[0] + np.mod(s["y_A"] - origin_A[0], ly)
+        s["x_A"] = origin_A[1] + np.mod(s["x_A"] - origin_A[1], lx)
+    py = (s["y_A"].to_numpy() - org[0]) / step_A[0]
+    px = (s["x_A"].to_numpy() - org[1]) / step_A[1]
+    inside = (py >= -0.5) & (py < sub.shape[0] - 0.5) & (px >= -0.5) & (px < sub.shape[1] - 0.5)
+    return sub, s[inside].reset_index(drop=True), org, False
+
+
+def dataset_metrics(
+    ads: xr.Dataset,
+    sites: pd.DataFrame | None = None,
+    *,
+    radius_A: float | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Tidy metrics table of an analysed dataset (one row per image x metric x species).
+
+    For every image (multiplied by its ``polarity``: BF/ABF images are inverted so columns are
+    bright) the metrics of :func:`tmask_validate.metrics.image_metrics` are computed against the
+    real site table (controls: real sites plus the control's ``fake`` sites, target ``fake``);
+    split-half entries are evaluated on the bottom half of the scan only. Mask similarities
+    (:func:`tmask_validate.metrics.mask_similarity`) of partial and split-half masks with the
+    full-scan mask of the same template, and of the eigen-image with the ADF image, are added as
+    metric ``mask_similarity`` / ``image_similarity`` rows.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``name, family, target, template_kind, sigma_A, normalisation, region,
+        eval_region, metric, species, value`` plus the ``meta`` keys (structure, thickness_nm,
+        dose_key, dose_e_per_A2, ...) taken from ``ads.attrs['meta']`` and ``meta``.
+    """
+    from tmask_validate import metrics
+
+    if sites is None:
+        sites = sites_from_dataset(ads)
+    sites = templates.validate_sites(sites)
+    opts = json.loads(ads.attrs["options"])
+    radius_A = float(radius_A if radius_A is not None else opts["metrics"]["radius_A"])
+    cal = json.loads(ads.attrs["calibration"])
+    step_A = tuple(cal["step_A"])
+    origin_A = tuple(json.loads(ads.attrs.get("origin_A", "[0, 0]")))
+    periodic = bool(int(ads.attrs.get("periodic", 0)))
+    info = {**json.loads(ads.attrs.get("meta", "{}")), **dict(meta or {})}
+    ctl = control_tables(ads)
+    rows: list[dict] = []
+    names = [str(n) for n in ads["name"].values]
+    for i, name in enumerate(names):
+        c = {k: ads[k].values[i].item() for k in _NAME_COORDS}
+        image = ads["images"].values[i].astype(np.float64) * float(c["polarity"])
+        s_eval = sites
+        target = c["label"] or None
+        if c["family"] in ("control", "half_control"):
+            key = "random" if "_random_" in name else "shift_" + name.rsplit("_", 1)[-1]
+            if key not in ctl:
+                continue
+            s_eval = pd.concat([sites[["label", "y_A", "x_A"]], ctl[key]], ignore_index=True)
+            target = "fake"
+        img, s_v, org, per = _eval_view(image, s_eval, c["eval_region"], step_A=step_A,
+                                        origin_A=origin_A, periodic=periodic)
+        if target == "all" or target not in set(s_v["label"]):
+            tgt = None
+        else:
+            tgt = target
+        try:
+            tab = metrics.image_metrics(img, s_v, step_A=step_A, origin_A=org, radius_A=radius_A,
+                                        periodic=per, target=tgt)
+        except ValueError as exc:
+            warnings.warn(f"metrics for {name} skipped: {exc}", stacklevel=2)
+            continue
+        tab = pd.DataFrame(tab)
+        for rec in tab.to_dict("records"):
+            rows.append({"name": name, "family": c["family"], "target": c["label"],
+                         "template_kind": c["template_kind"], "sigma_A": c["sigma_A"],
+                         "normalisation": c["normalisation"], "region": c["region"],
+                         "eval_region": c["eval_region"], "metric": rec["metric"],
+                         "species": rec.get("species", "") or "", "value": rec["value"]})
+    # mask similarities: partial / half vs full-scan masks of the same template
+    idx = {n: i for i, n in enumerate(names)}
+    masks = ads["masks"].values
+    for name in names:
+        for prefix in ("partial_", "half_"):
+            if name.startswith(prefix) and not name.startswith("half_ctl_"):
+                ref = "tm_" + name[len(prefix):]
+                if ref in idx:
+                    rows.append(_sim_row(name, ads, idx, "mask_similarity",
+                                         metrics.mask_similarity(masks[idx[name]],
+                                                                 masks[idx[ref]]), ref))
+    if "eigen" in idx and "adf" in idx:
+        val = _pearson(ads["images"].values[idx["eigen"]], ads["images"].values[idx["adf"]])
+        rows.append(_sim_row("eigen", ads, idx, "image_similarity", val, "adf"))
+    df = pd.DataFrame(rows)
+    for key, val in info.items():
+        if isinstance(val, list | dict):
+            val = json.dumps(val)
+        df[key] = val
+    if len(df):
+        df["value"] = df["value"].astype(float).fillna(0.0)
+    return df
+
+
+def _sim_row(name, ads, idx, metric, value, ref) -> dict:
+    i = idx[name]
+    return {"name": name, "family": str(ads["family"].values[i]),
+            "target": str(ads["label"].values[i]),
+            "template_kind": str(ads["template_kind"].values[i]),
+            "sigma_A": float(ads["sigma_A"].values[i]),
+            "normalisation": str(ads["normalisation"].values[i]),
+            "region": str(ads["region"].values[i]),
+            "eval_region": str(ads["eval_region"].values[i]), "metric": metric,
+            "species": ref, "value": float(value)}
