@@ -58,6 +58,7 @@ __all__ = [
     "pbtio3_domain_wall",
     "projected_cell_A",
     "projected_columns",
+    "scan_from_config",
     "scan_grid",
     "sites_in_region",
     "structure_dir",
@@ -549,6 +550,41 @@ def scan_grid(cell_A: Sequence[float], step_A_target: float | Sequence[float]
     ny = max(1, math.ceil(ly / sy * (1 - 1e-9)))
     nx = max(1, math.ceil(lx / sx * (1 - 1e-9)))
     return ny, nx, ly / ny, lx / nx
+
+
+def scan_from_config(scan: dict[str, Any], cell_A: Sequence[float]) -> dict[str, Any]:
+    """Probe grid for a config ``structures.<name>.scan`` entry (see the schema).
+
+    Parameters
+    ----------
+    scan : dict
+        ``{"step_A": float, "region": "cell" | {"y_A": [y0, y1], "x_A": [x0, x1]}}``
+        (region defaults to "cell").
+    cell_A : (Ly, Lx)
+        Projected cell of the built structure (Å).
+
+    Returns
+    -------
+    dict
+        ``shape`` (ny, nx), ``step_A`` (step_y, step_x), ``origin_A`` (y0, x0) of the first
+        probe, ``periodic`` (True for a one-cell scan).  Region "cell": :func:`scan_grid`
+        (step divides the cell, origin 0).  Explicit region: the step as given, probes at
+        ``start + k*step`` for all k with ``start + k*step <= end`` (1e-9 Å slack).
+    """
+    if not isinstance(scan, dict) or "step_A" not in scan:
+        raise ValueError(f"scan must be a mapping with step_A, got {scan!r}")
+    unknown = set(scan) - {"step_A", "region"}
+    if unknown:
+        raise ValueError(f"unknown scan key(s) {sorted(unknown)}")
+    region = scan.get("region", "cell")
+    if region == "cell":
+        ny, nx, sy, sx = scan_grid(cell_A, scan["step_A"])
+        return {"shape": (ny, nx), "step_A": (sy, sx), "origin_A": (0.0, 0.0), "periodic": True}
+    (y0, y1), (x0, x1) = _region(region)
+    sy, sx = _pair(scan["step_A"], "step_A")
+    ny = int(math.floor((y1 - y0) / sy + 1e-9)) + 1
+    nx = int(math.floor((x1 - x0) / sx + 1e-9)) + 1
+    return {"shape": (ny, nx), "step_A": (sy, sx), "origin_A": (y0, x0), "periodic": False}
 
 
 def _region(region_A: Any) -> tuple[tuple[float, float], tuple[float, float]]:
