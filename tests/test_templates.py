@@ -1,4 +1,4 @@
-"""Tests for tmask_validate.templates: naive references on small asymmetric grids + geometry checks."""
+"""Tests for tmask_validate.templates: naive references on small asymmetric grids, geometry."""
 
 from __future__ import annotations
 
