@@ -438,39 +438,6 @@ def _stack(named: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
     return np.stack([np.asarray(t, np.float64) for _, t in named], axis=0)
 
 
-def _binned_dmatrix(data, stats, angle, max_cols: int, adf_image: np.ndarray):
-    """Fig. 1c: rows sorted by ADF intensity, columns by scattering angle, each column normalised
-    (Eq. 4), then averaged in groups of adjacent columns to at most ``max_cols`` columns."""
-    order_cols = np.argsort(angle.ravel(), kind="stable")
-    order_rows = np.argsort(np.asarray(adf_image).ravel(), kind="stable")
-    n = order_cols.size
-    nb = min(max_cols, n)
-    edges = np.linspace(0, n, nb + 1).astype(int)
-    sy, sx = adf_image.shape
-    out = np.zeros((sy * sx, nb), np.float32)
-    mean = np.asarray(stats.mean).ravel()
-    std = np.asarray(stats.std).ravel()
-    ok = std > 0
-    rows_per = max(1, int(2**24 // max(1, n * 8)))
-    flat_rows = np.arange(sy * sx)
-    for r0 in range(0, sy * sx, rows_per):
-        rr = flat_rows[r0:r0 + rows_per]
-        iy, ix = np.unravel_index(rr, (sy, sx))
-        block = np.asarray(data[iy.min():iy.max() + 1], dtype=np.float64)
-        block = block.reshape(-1, n)
-        # rows of this block in raster order
-        lin = (iy - iy.min()) * sx + ix
-        block = block[lin]
-        z = np.where(ok, (block - mean) / np.where(ok, std, 1.0), 0.0)[:, order_cols]
-        cs = np.concatenate([np.zeros((z.shape[0], 1)), np.cumsum(z, axis=1)], axis=1)
-        out[rr] = ((cs[:, edges[1:]] - cs[:, edges[:-1]]) / np.diff(edges)).astype(np.float32)
-    out = out[order_rows]
-    col_angle = np.array([angle.ravel()[order_cols[a:b]].mean() for a, b in zip(edges[:-1],
-                                                                              edges[1:],
-                                                                              strict=True)])
-    return out, col_angle
-
-
 def analyse_dataset(
     data: Any,
     sites: pd.DataFrame,
@@ -590,7 +557,8 @@ def analyse_dataset(
     # ---- iCoM ----
     icom = core.integrated_center_of_mass(
         data, step_A=step_A, center_px=center_px, mrad_per_px=calibration.mrad_per_px,
-        rotation_deg=calibration.scan_rotation_deg, **_icom_kwargs(opts))
+        rotation_deg=calibration.scan_rotation_deg, pad=None if periodic else "mirror",
+        highpass=float(opts["icom"]["highpass"]))
     col.add("icom", icom, None, family="icom", normalisation="raw")
 
     # ---- optimised ADF (Eq. 8 map of the ADF image, r > 0, raw data) ----
@@ -680,7 +648,11 @@ def analyse_dataset(
         _run_stack(data, stats, col, half, opts, region_name="top_half", region=top)
 
     # ---- Fig. 1c sorted D matrix ----
-    dmat, dcol_angle = _binned_dmatrix(data, stats, angle, opts["dmatrix"]["max_columns"], adf)
+    dmat, dcol_angle = core.sorted_d_matrix(
+        data, center_px=center_px, mrad_per_px=calibration.mrad_per_px,
+        high_angle_mrad=dets["adf"][0], max_rows=512, max_cols=opts["dmatrix"]["max_columns"])
+    dmat = np.asarray(dmat, np.float32)
+    dcol_angle = np.asarray(dcol_angle, np.float64)
 
     return _to_dataset(
         col, data_shape=shape, calibration=calibration, center_px=center_px, angle=angle,
@@ -691,11 +663,6 @@ def analyse_dataset(
                      "abf_best_cnr": float(best_cnr) if np.isfinite(best_cnr) else 0.0,
                      "eigenvalue": float(eig_val), "reference_sigma_A": float(ref_sigma)},
     )
-
-
-def _icom_kwargs(opts) -> dict:
-    hp = opts["icom"]["highpass"]
-    return {"highpass": hp} if hp else {}
 
 
 def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, region):
@@ -723,16 +690,18 @@ def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, regi
 
 
 def _cnr(image, sites, label, *, step_A, origin_A, radius_A, periodic) -> float:
-    """CNR of ``label`` columns in ``image`` via :func:`tmask_validate.metrics.cnr`."""
+    """CNR of the ``label`` columns in ``image`` (:func:`tmask_validate.metrics.image_metrics`)."""
     from tmask_validate import metrics
 
     try:
-        val = metrics.cnr(image, sites, label, step_A=step_A, origin_A=origin_A,
-                          radius_A=radius_A, periodic=periodic)
+        tab = metrics.image_metrics(image, sites, step_A=step_A, origin_A=origin_A,
+                                    radius_A=radius_A, periodic=periodic)
     except ValueError:
         return -np.inf
-    val = float(val)
-    return val if np.isfinite(val) else -np.inf
+    sel = tab.loc[tab["label"] == label, "cnr"]
+    if len(sel) == 0 or not np.isfinite(float(sel.iloc[0])):
+        return -np.inf
+    return float(sel.iloc[0])
 
 
 def _to_dataset(col: _Collector, *, data_shape, calibration, center_px, angle, mean_pattern,
@@ -804,23 +773,19 @@ def control_tables(ads: xr.Dataset) -> dict[str, pd.DataFrame]:
     return out
 
 
-def _eval_view(image, sites, region_name, *, step_A, origin_A, periodic):
-    """Crop to the evaluation region (bottom half) and keep the sites inside it."""
-    if region_name != "bottom_half":
-        return image, sites, origin_A, periodic
-    sy = image.shape[0]
-    y0 = sy // 2
-    sub = image[y0:]
-    org = (origin_A[0] + y0 * step_A[0], origin_A[1])
-    s = sites.copy()
-    if periodic:
-        ly, lx = sy * step_A[0], image.shape[1] * step_A[1]
-        s["y_A"] = origin_A[0] + np.mod(s["y_A"] - origin_A[0], ly)
-        s["x_A"] = origin_A[1] + np.mod(s["x_A"] - origin_A[1], lx)
-    py = (s["y_A"].to_numpy() - org[0]) / step_A[0]
-    px = (s["x_A"].to_numpy() - org[1]) / step_A[1]
-    inside = (py >= -0.5) & (py < sub.shape[0] - 0.5) & (px >= -0.5) & (px < sub.shape[1] - 0.5)
-    return sub, s[inside].reset_index(drop=True), org, False
+def _eval_region(name: str, scan_shape) -> np.ndarray | None:
+    if name != "bottom_half":
+        return None
+    reg = np.zeros(scan_shape, bool)
+    reg[scan_shape[0] // 2:] = True
+    return reg
+
+
+#: families whose image was made from a template (template_pcc = Pearson(image, template))
+_TEMPLATE_FAMILIES = ("template", "partial", "half", "control", "half_control", "adf_pcc")
+
+#: per-label columns of metrics.image_metrics copied into the tidy table
+_PER_LABEL = ("signal", "contrast", "cnr", "relative", "crosstalk", "bright", "dark")
 
 
 def dataset_metrics(
@@ -833,19 +798,27 @@ def dataset_metrics(
     """Tidy metrics table of an analysed dataset (one row per image x metric x species).
 
     For every image (multiplied by its ``polarity``: BF/ABF images are inverted so columns are
-    bright) the metrics of :func:`tmask_validate.metrics.image_metrics` are computed against the
-    real site table (controls: real sites plus the control's ``fake`` sites, target ``fake``);
-    split-half entries are evaluated on the bottom half of the scan only. Mask similarities
-    (:func:`tmask_validate.metrics.mask_similarity`) of partial and split-half masks with the
-    full-scan mask of the same template, and of the eigen-image with the ADF image, are added as
-    metric ``mask_similarity`` / ``image_similarity`` rows.
+    bright) :func:`tmask_validate.metrics.image_metrics` is evaluated against the real site table
+    (controls: real sites plus the control's ``fake`` sites, target ``fake``); split-half
+    entries are evaluated on the bottom half of the scan only (``region``). Rows:
+
+    - per species: ``signal``, ``contrast``, ``cnr``, ``relative`` and, for images made with a
+      single-label template, ``crosstalk`` X[A, B], ``bright``, ``dark``;
+    - per image with a single-label target (species = target): ``specificity``
+      (1 - max_{B != A} max(X[A, B], 0)), ``specificity_abs`` (1 - max_{B != A} |X[A, B]|) and
+      ``target_bright`` (1 if the target columns are brighter than the background);
+    - ``template_pcc`` (species = target or "all"): Pearson correlation of the output image with
+      its input template over the evaluation region - how far the output just reproduces the
+      template. Wrong-site controls with a high value would reveal template bias;
+    - ``mask_similarity`` (species = the reference entry): partial and split-half masks vs the
+      full-scan mask of the same template; ``image_similarity``: eigen-image vs ADF image.
 
     Returns
     -------
     pandas.DataFrame
         Columns ``name, family, target, template_kind, sigma_A, normalisation, region,
         eval_region, metric, species, value`` plus the ``meta`` keys (structure, thickness_nm,
-        dose_key, dose_e_per_A2, ...) taken from ``ads.attrs['meta']`` and ``meta``.
+        dose_key, dose_e_per_A2, ...) from ``ads.attrs['meta']`` updated with ``meta``.
     """
     from tmask_validate import metrics
 
@@ -862,36 +835,50 @@ def dataset_metrics(
     ctl = control_tables(ads)
     rows: list[dict] = []
     names = [str(n) for n in ads["name"].values]
+    scan_shape = ads["images"].shape[1:]
     for i, name in enumerate(names):
         c = {k: ads[k].values[i].item() for k in _NAME_COORDS}
+        base = {"name": name, "family": c["family"], "target": c["label"],
+                "template_kind": c["template_kind"], "sigma_A": float(c["sigma_A"]),
+                "normalisation": c["normalisation"], "region": c["region"],
+                "eval_region": c["eval_region"]}
         image = ads["images"].values[i].astype(np.float64) * float(c["polarity"])
-        s_eval = sites
-        target = c["label"] or None
+        s_eval, target = sites, (c["label"] or None)
         if c["family"] in ("control", "half_control"):
             key = "random" if "_random_" in name else "shift_" + name.rsplit("_", 1)[-1]
             if key not in ctl:
                 continue
             s_eval = pd.concat([sites[["label", "y_A", "x_A"]], ctl[key]], ignore_index=True)
             target = "fake"
-        img, s_v, org, per = _eval_view(image, s_eval, c["eval_region"], step_A=step_A,
-                                        origin_A=origin_A, periodic=periodic)
-        if target == "all" or target not in set(s_v["label"]):
-            tgt = None
-        else:
-            tgt = target
+        if target == "all" or c["family"] in ("abf_best",):
+            target = None
+        region = _eval_region(c["eval_region"], scan_shape)
         try:
-            tab = metrics.image_metrics(img, s_v, step_A=step_A, origin_A=org, radius_A=radius_A,
-                                        periodic=per, target=tgt)
+            tab = metrics.image_metrics(image, s_eval, step_A=step_A, origin_A=origin_A,
+                                        radius_A=radius_A, periodic=periodic, region=region,
+                                        target=target, name=name)
         except ValueError as exc:
             warnings.warn(f"metrics for {name} skipped: {exc}", stacklevel=2)
             continue
-        tab = pd.DataFrame(tab)
         for rec in tab.to_dict("records"):
-            rows.append({"name": name, "family": c["family"], "target": c["label"],
-                         "template_kind": c["template_kind"], "sigma_A": c["sigma_A"],
-                         "normalisation": c["normalisation"], "region": c["region"],
-                         "eval_region": c["eval_region"], "metric": rec["metric"],
-                         "species": rec.get("species", "") or "", "value": rec["value"]})
+            for m in _PER_LABEL:
+                if m in rec:
+                    rows.append({**base, "metric": m, "species": rec["label"],
+                                 "value": float(rec[m])})
+        tmpl = ads["templates"].values[i]
+        if c["family"] in _TEMPLATE_FAMILIES and np.ptp(tmpl) > 0:
+            sel = np.ones(scan_shape, bool) if region is None else region
+            rows.append({**base, "metric": "template_pcc", "species": target or "all",
+                         "value": _pearson(image[sel], tmpl[sel])})
+        if target is not None:
+            others = tab[tab["label"] != target]
+            x = others["crosstalk"].to_numpy(float)
+            spec = 1.0 - float(np.max(np.maximum(x, 0.0))) if x.size else 1.0
+            spec_abs = 1.0 - float(np.max(np.abs(x))) if x.size else 1.0
+            bright = float(bool(tab["target_bright"].iloc[0]))
+            for m, v in (("specificity", spec), ("specificity_abs", spec_abs),
+                         ("target_bright", bright)):
+                rows.append({**base, "metric": m, "species": target, "value": v})
     # mask similarities: partial / half vs full-scan masks of the same template
     idx = {n: i for i, n in enumerate(names)}
     masks = ads["masks"].values
@@ -900,9 +887,11 @@ def dataset_metrics(
             if name.startswith(prefix) and not name.startswith("half_ctl_"):
                 ref = "tm_" + name[len(prefix):]
                 if ref in idx:
-                    rows.append(_sim_row(name, ads, idx, "mask_similarity",
-                                         metrics.mask_similarity(masks[idx[name]],
-                                                                 masks[idx[ref]]), ref))
+                    try:
+                        val = metrics.mask_similarity(masks[idx[name]], masks[idx[ref]])
+                    except ValueError:
+                        val = 0.0
+                    rows.append(_sim_row(name, ads, idx, "mask_similarity", val, ref))
     if "eigen" in idx and "adf" in idx:
         val = _pearson(ads["images"].values[idx["eigen"]], ads["images"].values[idx["adf"]])
         rows.append(_sim_row("eigen", ads, idx, "image_similarity", val, "adf"))
