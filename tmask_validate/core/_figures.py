@@ -28,6 +28,8 @@ def _even_pick(count: int, limit: int | None) -> np.ndarray:
 def _read_rows(data: Any, info, rows: np.ndarray) -> np.ndarray:
     """Read selected rows of D (probe positions) as float64 (len(rows), n)."""
     sx = info.scan_shape[1]
+    if isinstance(data, list | tuple):
+        data = np.asarray(data)
     if isinstance(data, np.ndarray):
         out = data.reshape(info.m, info.n)[rows] if data.flags.c_contiguous else np.stack(
             [np.asarray(data[r // sx, r % sx]).reshape(-1) for r in rows])

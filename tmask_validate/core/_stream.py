@@ -102,6 +102,8 @@ def iter_row_chunks(
     memmaps are sliced without copying; other inputs (zarr, dask, strided numpy) are read one
     block at a time.  Blocks hold at most ``chunk_bytes`` bytes of raw data (one row minimum).
     """
+    if isinstance(data, list | tuple):
+        data = np.asarray(data)
     per = rows_per_chunk(info, chunk_bytes)
     view = _as_2d_view(data, info)
     m = info.m
