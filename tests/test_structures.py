@@ -420,3 +420,41 @@ def test_sites_in_region_against_naive_tiling():
     assert len(empty) == 0 and "tile_y" in empty
     with pytest.raises(ValueError):
         S.sites_in_region(sites, cell, ((1, 0), (0, 1)))
+
+
+# ------------------------------------------------------------------------------- schema
+def _cfg(structures):
+    return {"name": "t", "seed": 0, "structures": structures}
+
+
+def test_structures_schema_defaults_and_rejections():
+    from tmask_validate.config import validate_config
+
+    cfg = validate_config(_cfg({
+        "LFP": {"builder": "LiFePO4", "thicknesses_nm": [20, 40], "scan": {"step_A": 0.4}},
+        "DW": {"builder": "PbTiO3_DW", "thicknesses_nm": [10], "repeats": [1, 2],
+               "scan": {"step_A": 0.3, "region": {"y_A": [0, 16], "x_A": [0, 16]}},
+               "builder_options": {"n_cells": 8}},
+    }))["structures"]
+    assert cfg["LFP"]["repeats"] == [1, 1] and cfg["LFP"]["builder_options"] == {}
+    assert cfg["LFP"]["scan"]["region"] == "cell"
+    # every entry builds with its options
+    for entry in cfg.values():
+        at = S.build(entry["builder"], thickness_nm=min(entry["thicknesses_nm"]),
+                     repeats=entry["repeats"], **entry["builder_options"])
+        S.scan_from_config(entry["scan"], S.projected_cell_A(at))
+    bad_entries = [
+        {"builder": "Foo", "thicknesses_nm": [1], "scan": {"step_A": 0.3}},
+        {"builder": "LiFePO4", "thicknesses_nm": [1], "scan": {"step_A": 0.3}, "extra": 1},
+        {"builder": "LiFePO4", "thicknesses_nm": [-1], "scan": {"step_A": 0.3}},
+        {"builder": "LiFePO4", "thicknesses_nm": [1], "scan": {"step_A": 0.3},
+         "builder_options": {"n_cells": 8}},
+        {"builder": "PbTiO3_DW", "thicknesses_nm": [1], "scan": {"step_A": 0.3},
+         "builder_options": {"n_cells": 7}},
+        {"builder": "PbTiO3", "thicknesses_nm": [1], "scan": {"step_A": 0.3, "region": "all"}},
+        {"builder": "PbTiO3", "thicknesses_nm": [1], "scan": {"step_A": 0.3}, "repeats": [1]},
+        {"builder": "PbTiO3", "thicknesses_nm": [1]},
+    ]
+    for entry in bad_entries:
+        with pytest.raises(ValueError, match="structures"):
+            validate_config(_cfg({"X": entry}))
