@@ -1,0 +1,48 @@
+# Validation workflow for template masks (thin: every rule calls a `tmask-validate` subcommand).
+#
+#   tmask-validate workflow --config config/default.yaml --cores 2      (recommended)
+#   snakemake --cores 2 --configfile config/smoke.yaml                  (plain snakemake)
+#
+# Stages (one rule file each, tmask_validate/workflow/rules/): simulate (one job per structure x
+# frozen-phonon chunk, then combine) -> noise (one job per structure x dose) -> analyse (one job
+# per structure x dose x thickness) -> metrics -> figures -> claims -> report.
+from pathlib import Path
+
+from tmask_validate.config import validate_config
+from tmask_validate.workflow import targets as T
+
+configfile: "config/default.yaml"
+
+CFG = validate_config(config)
+R = Path(CFG["workflow"]["results_dir"])
+# the effective config (file + --config overrides + defaults) handed to every command;
+# rewritten only when its content changes, and never a rule input (params carry what jobs use)
+EFFECTIVE_CONFIG = str(T.write_if_changed(R / "config" / f"{CFG['name']}.yaml", CFG))
+RULES_DIR = Path(workflow.basedir) / "tmask_validate" / "workflow" / "rules"
+
+wildcard_constraints:
+    structure="|".join(T.structures(CFG)) or "NONE",
+    chunk=r"c\d+-\d+",
+    dose=r"noiseless|d[0-9.e-]+",
+    thickness=r"t[0-9.e-]+nm",
+
+
+def res(rule):
+    return T.resources(CFG, rule)
+
+
+rule all:
+    input:
+        R / "report" / "report.html",
+        R / "claims.csv",
+        R / "metrics" / "metrics.csv",
+    default_target: True
+
+
+include: str(RULES_DIR / "simulate.smk")
+include: str(RULES_DIR / "noise.smk")
+include: str(RULES_DIR / "analyse.smk")
+include: str(RULES_DIR / "metrics.smk")
+include: str(RULES_DIR / "figures.smk")
+include: str(RULES_DIR / "claims.smk")
+include: str(RULES_DIR / "report.smk")

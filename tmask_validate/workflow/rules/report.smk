@@ -1,0 +1,22 @@
+# Stage "report": one self-contained HTML page (figures embedded as base64 PNG, claims and
+# metrics tables, captions) -> results/report/report.html.
+
+
+rule report:
+    input:
+        figures=R / "figures" / "figures.json",
+        claims=R / "claims.csv",
+        metrics=R / "metrics" / "metrics.csv",
+    output:
+        R / "report" / "report.html",
+    params:
+        config=EFFECTIVE_CONFIG,
+    log:
+        R / "logs" / "report.log",
+    threads: res("report")["threads"]
+    resources:
+        mem_mb=res("report")["mem_mb"],
+        runtime=res("report")["runtime"],
+    shell:
+        "tmask-validate report --config {params.config} --figures {input.figures} "
+        "--claims {input.claims} --metrics {input.metrics} --out {output} > {log} 2>&1"
