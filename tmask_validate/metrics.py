@@ -56,7 +56,8 @@ contrast. With a single label both are 1.
 
 **Unit-cell average.** Pixels are binned by their position modulo the cell
 :math:`(L_y, L_x)` onto a grid of ``bins`` (default ``round(L / step)``) cells of size
-:math:`L/\\text{bins}`, each pixel going to the nearest bin centre; bins are averaged.
+:math:`L/\\text{bins}`, each pixel going to the nearest bin centre (ties to the upper bin);
+bins are averaged.
 
 **Line profile.** The image is sampled (bilinear, or spline of ``order``) at points spaced
 ≤ ``sample_step_A`` along the segment start→end and across a band of full width ``width_A``
@@ -196,8 +197,9 @@ def per_site_signals(
     oy = np.arange(-hy, hy + 1)
     ox = np.arange(-hx, hx + 1)
     sub = (np.arange(N_SUB) + 0.5) / N_SUB - 0.5  # sub-pixel sample offsets, px
-    iy = idx[:, 0, None, None] + oy[None, :, None]  # (n, wy, 1)
-    ix = idx[:, 1, None, None] + ox[None, None, :]  # (n, 1, wx)
+    c = _nearest_px(yx)  # unwrapped window centre (may be == shape after wrapping)
+    iy = c[:, 0, None, None] + oy[None, :, None]  # (n, wy, 1)
+    ix = c[:, 1, None, None] + ox[None, None, :]  # (n, 1, wx)
     dy_A = (iy - yx[:, 0, None, None])[..., None, None] + sub[:, None]  # (n, wy, 1, ns, 1)
     dx_A = (ix - yx[:, 1, None, None])[..., None, None] + sub[None, :]  # (n, 1, wx, 1, ns)
     dy_A = dy_A * step[0]
@@ -686,7 +688,8 @@ def unit_cell_average(
 
 def _fold_bins(pos_A: np.ndarray, corner_A: float, cell_A: float, nb: int) -> np.ndarray:
     frac = np.mod((pos_A - corner_A) / cell_A, 1.0)
-    # guard against 0.99999999 -> bin nb: nearest bin centre, wrapped
+    # nearest bin centre, wrapped; exact ties (a pixel halfway between two bin centres, common
+    # when the cell is a rational multiple of the step) go to the upper bin deterministically
     return np.mod(np.floor(frac * nb + 0.5 + 1e-9).astype(np.int64), nb)
 
 
