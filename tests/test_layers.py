@@ -35,9 +35,9 @@ def _package_modules() -> list[str]:
 def test_core_layers_import_no_simulation_or_workflow(module):
     """The numerical core must not pull abTEM, ASE or Snakemake in (not even indirectly)."""
     code = (
-        "import sys, json, importlib; importlib.import_module(%r); "
+        f"import sys, json, importlib; importlib.import_module({module!r}); "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('abtem', 'snakemake', 'ase'))))" % module
+        "('abtem', 'snakemake', 'ase'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
