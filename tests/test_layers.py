@@ -63,9 +63,13 @@ def test_every_module_imports():
         __import__(name)
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
-                    reason="ruff not installed")
+def _ruff() -> str | None:
+    local = Path(sys.executable).parent / "ruff"
+    return str(local) if local.exists() else shutil.which("ruff")
+
+
+@pytest.mark.skipif(_ruff() is None, reason="ruff not installed")
 def test_ruff_clean():
-    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    ruff = _ruff()
     res = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
