@@ -12,6 +12,8 @@ import sys
 
 #: subcommand modules, in the order they appear in ``--help``
 COMMAND_MODULES = [
+    "tmask_validate.commands.simulate",
+    "tmask_validate.commands.noise",
 ]
 
 
