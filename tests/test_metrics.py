@@ -443,3 +443,21 @@ def test_mask_similarity():
         M.mask_similarity(a, b[:, :3])
     sim = M.similarity_matrix({"x": a, "y": b})
     assert sim.loc["x", "x"] == pytest.approx(1.0) and sim.loc["x", "y"] == sim.loc["y", "x"]
+
+
+def test_many_sites_blocked_equals_one_by_one():
+    rng = np.random.default_rng(21)
+    img = rng.normal(size=(40, 30))
+    s = pd.DataFrame({"label": ["A"] * 150, "y_A": rng.uniform(0, 39 * 0.1, 150),
+                      "x_A": rng.uniform(0, 29 * 0.1, 150)})
+    all_at_once = M.per_site_signals(img, s, step_A=0.1, radius_A=2.0, periodic=True).signal
+    singles = [M.per_site_signals(img, s.iloc[[k]], step_A=0.1, radius_A=2.0,
+                                  periodic=True).signal[0] for k in range(0, 150, 37)]
+    np.testing.assert_allclose(all_at_once.to_numpy()[::37], singles, rtol=1e-12)
+
+
+def test_metric_definitions_markdown_exported():
+    md = M.METRIC_DEFINITIONS
+    assert md.startswith("## Metric definitions")
+    for key in ("specificity_abs", "1.4826", "Bright crosstalk", "dark contrast", "minmax"):
+        assert key in md

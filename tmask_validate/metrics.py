@@ -3,70 +3,58 @@
 Every function takes a plain 2D image ``(scan_y, scan_x)`` and a site table (pandas DataFrame
 with ``label``, ``y_A``, ``x_A`` in Å; see :mod:`tmask_validate.templates` for the geometry
 conventions: pixel ``[i, j]`` sits at ``origin_A + (i * step_y, j * step_x)``). Results are
-tidy pandas DataFrames that the workflow writes to CSV/NetCDF.
+tidy pandas DataFrames that the workflow writes to CSV/NetCDF. The section below is Markdown
+(``METRIC_DEFINITIONS`` holds it as a string for the README/report).
 
-Metric definitions
-------------------
-Notation: image :math:`I`, site labels :math:`A, B, \\dots`, sites :math:`s` of label
-:math:`L` (:math:`n_L` distinct sites inside the field of view).
+## Metric definitions
 
-**Site signal.** For one site, :math:`S_s = \\sum_p w_{sp} I_p / \\sum_p w_{sp}`, where
-:math:`w_{sp}` is the fraction of pixel :math:`p` (sampled on a 5×5 sub-pixel grid) lying within
-``radius_A`` (default 0.3 Å, measured in Å, so non-square steps are handled) of the exact
-sub-pixel site position; if the disc catches no sub-sample the site's nearest pixel is used
-(weight 1). With ``periodic=True`` the disc wraps around the image edges and sites that coincide
-after wrapping count once. The label signal is the mean over its sites,
-:math:`S_L = \\frac{1}{n_L}\\sum_{s \\in L} S_s`, with ``site_std`` the standard deviation
-(ddof=0) over the sites.
+Notation: image `I`, site labels `A, B, ...`; `n_L` = number of distinct sites of label `L`
+inside the field of view (periodic duplicates removed).
 
-**Background and noise.** :math:`b = \\operatorname{median}(I)` over all pixels of the field of
-view (or of ``region``), :math:`\\sigma = 1.4826\\,\\operatorname{median}(|I - b|)` (the MAD,
-scaled to equal the standard deviation for Gaussian noise). Why not "pixels far from all
-sites"? In LiFePO4 [001] almost no pixel lies more than 1 Å from some column, so that set is
-empty or a few unrepresentative pixels. The median is the level of the *typical* pixel and stays
-put as long as fewer than half of the pixels belong to the column peaks (bright or dark), which
-holds for atomic columns imaged at ≲0.5 Å resolution even when every pixel lies close to *some*
-site; the MAD likewise ignores the peaks. For a periodic scan covering whole unit cells the FOV
-median equals the median over one cell. If the MAD is 0 (more than half the pixels share one
-value) :math:`\\sigma` falls back to the standard deviation; a constant image is an error.
-For noiseless simulations :math:`\\sigma` measures the structured background "clutter" (tails,
-ripples between columns); for noisy data it also includes shot noise.
-
-**Contrast and CNR.** :math:`C_L = S_L - b`; :math:`\\mathrm{CNR}_L = C_L / \\sigma`.
-Positive = column brighter than background, negative = dark contrast.
-
-**Relative signal.** :math:`R_L = C_L / \\max_K C_K` (brightest label = 1, dark labels < 0).
-If no label is brighter than the background, :math:`R_L = C_L / \\max_K |C_K|`.
-
-**Crosstalk.** For the image :math:`I^{(A)}` made with the template of label :math:`A`:
-:math:`X[A, B] = C_B^{(A)} / |C_A^{(A)}|` (background-subtracted signal at :math:`B` sites
-over that at :math:`A` sites). :math:`X[A, A] = 1` when the target is bright (the normal case;
-``target_bright`` is False and :math:`X[A, A] = -1` when the template failed to make its own
-sites bright). **Bright crosstalk** (wrong columns visible) is
-:math:`X^+[A, B] = \\max(X[A, B], 0)`; **dark contrast** is :math:`X^-[A,B] = \\min(X[A,B],0)`
-(template images typically show strong *dark* contrast at heavy columns, which does not make
-them look like the target).
-
-**Specificity.** Defined on bright crosstalk:
-:math:`\\mathrm{spec}_A = 1 - \\max_{B \\ne A} \\max(X[A, B], 0)` (1 = only the target is
-brighter than background; 0 = some wrong column as bright as the target; negative = a wrong
-column is brighter than the target; no clipping).
-:math:`\\mathrm{spec}^{\\mathrm{abs}}_A = 1 - \\max_{B \\ne A} |X[A, B]|` also penalises dark
-contrast. With a single label both are 1.
-
-**Unit-cell average.** Pixels are binned by their position modulo the cell
-:math:`(L_y, L_x)` onto a grid of ``bins`` (default ``round(L / step)``) cells of size
-:math:`L/\\text{bins}`, each pixel going to the nearest bin centre (ties to the upper bin);
-bins are averaged.
-
-**Line profile.** The image is sampled (bilinear, or spline of ``order``) at points spaced
-≤ ``sample_step_A`` along the segment start→end and across a band of full width ``width_A``
-centred on it; the profile is the mean across the band, then normalised: ``"minmax"`` →
-:math:`(p - \\min p)/(\\max p - \\min p)` (the paper's Fig. 5d "normalized intensity"),
-``"zscore"`` → :math:`(p - \\bar p)/\\operatorname{std}(p)`, or None.
-
-**Mask similarity.** Pearson correlation coefficient :math:`r` between two masks over the
-pixels where both are finite (and ``valid``).
+- **Site signal** `S_L`. For one site `s`, `S_s = Σ_p w_sp I_p / Σ_p w_sp`, where `w_sp` is the
+  fraction of pixel `p` (5×5 sub-samples per pixel) lying within `radius_A` (default 0.3 Å,
+  measured in Å, so non-square steps are handled) of the exact sub-pixel site position. If the
+  disc catches no sub-sample, the site's nearest pixel is used. With `periodic=True` the disc
+  wraps around the image edges; otherwise pixels outside the image are left out. `S_L` is the
+  mean of `S_s` over the sites of `L`; `site_std` is their standard deviation (ddof=0).
+- **Background** `b = median(I)` and **noise** `σ = 1.4826 · median(|I − b|)` over the field
+  of view (or `region`). Why not "pixels far from all sites"? In LiFePO4 [001] almost no pixel
+  is more than 1 Å from some column, so that set is empty or a handful of atypical pixels. The
+  median is the level of the typical pixel and is unaffected by the column peaks (bright or
+  dark) as long as they cover less than half the pixels — true for atomic columns even when
+  every pixel is close to *some* site; the MAD likewise ignores the peaks (1.4826·MAD = σ for
+  Gaussian noise). For a periodic scan of whole unit cells the field-of-view median equals the
+  one-cell median. If the MAD is 0 (over half the pixels share one value) `σ` falls back to the
+  standard deviation; a constant image is an error. For noiseless simulations `σ` is the
+  structured background "clutter" (probe tails, ripples between columns); for noisy data it
+  also contains the shot noise.
+- **Contrast** `C_L = S_L − b` (negative = dark columns) and **CNR** `CNR_L = C_L / σ`.
+- **Relative signal** `R_L = C_L / max_K C_K` (brightest label = 1, dark labels < 0); if no
+  label is brighter than the background, `R_L = C_L / max_K |C_K|`.
+- **Crosstalk** of the image made with the template of label `A`:
+  `X[A, B] = C_B / |C_A|` — background-subtracted signal at `B` sites over that at the target
+  sites. `X[A, A] = 1` when the target is bright; `target_bright = False` (and `X[A, A] = −1`)
+  flags a template that failed to make its own columns bright.
+  **Bright crosstalk** (wrong columns visible) `X⁺[A, B] = max(X[A, B], 0)`;
+  **dark contrast** `X⁻[A, B] = min(X[A, B], 0)`. Template images often show strong *dark*
+  contrast at heavy columns; that does not make them look like the target, so it is reported
+  separately.
+- **Specificity** uses bright crosstalk only:
+  `specificity_A = 1 − max_{B≠A} max(X[A, B], 0)` (1 = only the target brighter than the
+  background, 0 = a wrong column as bright as the target, < 0 = a wrong column brighter than
+  the target; no clipping). `specificity_abs_A = 1 − max_{B≠A} |X[A, B]|` also penalises dark
+  contrast. With a single label both are 1.
+- **Unit-cell average**: every pixel goes to the nearest of `bins` (default `round(L/step)`)
+  bin centres of the cell `(L_y, L_x)`, by position modulo the cell (ties to the upper bin);
+  each bin is the mean of its pixels. Works for non-integer numbers of cells per scan.
+- **Line profile**: the image is interpolated (bilinear, or spline of `order`) at points spaced
+  ≤ `sample_step_A` (default half the step) along start→end and across a band of full width
+  `width_A`; the profile is the band mean, normalised `"minmax"` → `(p − min p)/(max p − min p)`
+  (the paper's Fig. 5d "normalized intensity"), `"zscore"` → `(p − mean p)/std p`, or not at
+  all. The unit-cell-averaged profile folds the image first and samples the folded cell
+  periodically.
+- **Mask similarity**: Pearson correlation `r` of two masks over the pixels where both are
+  finite (and `valid`, e.g. detector pixels of non-zero variance); a constant mask is an error.
 """
 
 from __future__ import annotations
@@ -88,6 +76,7 @@ from tmask_validate.templates import (
 
 __all__ = [
     "MAD_TO_SIGMA",
+    "METRIC_DEFINITIONS",
     "background_noise",
     "cnr",
     "crosstalk_matrix",
@@ -104,6 +93,9 @@ __all__ = [
     "unit_cell_line_profile",
 ]
 
+#: the "Metric definitions" section of this docstring (Markdown), for the README / report
+METRIC_DEFINITIONS = (__doc__ or "## Metric definitions").split("## Metric definitions", 1)[-1]
+METRIC_DEFINITIONS = "## Metric definitions" + METRIC_DEFINITIONS.rstrip() + "\n"
 #: scale factor from the median absolute deviation to the standard deviation of a Gaussian
 MAD_TO_SIGMA = 1.4826
 #: default site-disc radius in Å
@@ -191,41 +183,57 @@ def per_site_signals(
             + " (check step_A, origin_A and periodic)"
         )
 
-    # window of pixels around each site's nearest pixel
+    signal, n_px = _disc_means(img, yx, step, float(radius_A), periodic)
+    out_df = s.copy()
+    out_df["y_px"] = yx[:, 0]
+    out_df["x_px"] = yx[:, 1]
+    out_df["signal"] = signal
+    out_df["n_px"] = n_px
+    return out_df
+
+
+def _disc_means(
+    img: np.ndarray,
+    yx: np.ndarray,
+    step: tuple[float, float],
+    radius_A: float,
+    periodic: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel-weighted disc mean around each site (positions in px); blocks bound memory."""
+    shape = img.shape
     hy = int(np.ceil(radius_A / step[0])) + 1
     hx = int(np.ceil(radius_A / step[1])) + 1
     oy = np.arange(-hy, hy + 1)
     ox = np.arange(-hx, hx + 1)
     sub = (np.arange(N_SUB) + 0.5) / N_SUB - 0.5  # sub-pixel sample offsets, px
-    c = _nearest_px(yx)  # unwrapped window centre (may be == shape after wrapping)
-    iy = c[:, 0, None, None] + oy[None, :, None]  # (n, wy, 1)
-    ix = c[:, 1, None, None] + ox[None, None, :]  # (n, 1, wx)
-    dy_A = (iy - yx[:, 0, None, None])[..., None, None] + sub[:, None]  # (n, wy, 1, ns, 1)
-    dx_A = (ix - yx[:, 1, None, None])[..., None, None] + sub[None, :]  # (n, 1, wx, 1, ns)
-    dy_A = dy_A * step[0]
-    dx_A = dx_A * step[1]
-    inside = dy_A**2 + dx_A**2 <= radius_A**2 * (1 + 1e-12)
-    w = inside.mean(axis=(-2, -1))  # (n, wy, wx)
-    iy_b = np.broadcast_to(iy, w.shape)
-    ix_b = np.broadcast_to(ix, w.shape)
-    if periodic:
-        iy_b, ix_b = np.mod(iy_b, shape[0]), np.mod(ix_b, shape[1])
-    else:
-        out = (iy_b < 0) | (iy_b >= shape[0]) | (ix_b < 0) | (ix_b >= shape[1])
-        w = np.where(out, 0.0, w)
-        iy_b = np.clip(iy_b, 0, shape[0] - 1)
-        ix_b = np.clip(ix_b, 0, shape[1] - 1)
-    empty = w.sum(axis=(1, 2)) == 0
-    if empty.any():  # disc smaller than the sub-sampling: use the nearest pixel
-        w[empty, hy, hx] = 1.0
-    vals = img[iy_b, ix_b]
-    signal = (w * vals).sum(axis=(1, 2)) / w.sum(axis=(1, 2))
-    out_df = s.copy()
-    out_df["y_px"] = yx[:, 0]
-    out_df["x_px"] = yx[:, 1]
-    out_df["signal"] = signal
-    out_df["n_px"] = (w > 0).sum(axis=(1, 2)).astype(int)
-    return out_df
+    per_site = oy.size * ox.size * N_SUB * N_SUB
+    block = max(1, 4_000_000 // per_site)
+    signal = np.empty(len(yx))
+    n_px = np.empty(len(yx), dtype=int)
+    for b0 in range(0, len(yx), block):
+        p = yx[b0:b0 + block]
+        c = _nearest_px(p)  # unwrapped window centre (may equal shape after wrapping)
+        iy = c[:, 0, None, None] + oy[None, :, None]  # (n, wy, 1)
+        ix = c[:, 1, None, None] + ox[None, None, :]  # (n, 1, wx)
+        dy_A = ((iy - p[:, 0, None, None])[..., None, None] + sub[:, None]) * step[0]
+        dx_A = ((ix - p[:, 1, None, None])[..., None, None] + sub[None, :]) * step[1]
+        inside = dy_A**2 + dx_A**2 <= radius_A**2 * (1 + 1e-12)  # (n, wy, wx, ns, ns)
+        w = inside.mean(axis=(-2, -1))  # (n, wy, wx)
+        iy_b = np.broadcast_to(iy, w.shape)
+        ix_b = np.broadcast_to(ix, w.shape)
+        if periodic:
+            iy_b, ix_b = np.mod(iy_b, shape[0]), np.mod(ix_b, shape[1])
+        else:
+            outside = (iy_b < 0) | (iy_b >= shape[0]) | (ix_b < 0) | (ix_b >= shape[1])
+            w = np.where(outside, 0.0, w)
+            iy_b = np.clip(iy_b, 0, shape[0] - 1)
+            ix_b = np.clip(ix_b, 0, shape[1] - 1)
+        empty = w.sum(axis=(1, 2)) == 0
+        if empty.any():  # disc smaller than the sub-sampling: use the nearest pixel
+            w[empty, hy, hx] = 1.0
+        signal[b0:b0 + block] = (w * img[iy_b, ix_b]).sum(axis=(1, 2)) / w.sum(axis=(1, 2))
+        n_px[b0:b0 + block] = (w > 0).sum(axis=(1, 2))
+    return signal, n_px
 
 
 def site_signals(
