@@ -1,0 +1,280 @@
+"""Template masks as dask graphs, for data spread over a (distributed) dask cluster.
+
+The functions here compute the same quantities as :func:`tmask_validate.core.pcc_mask`,
+:func:`~tmask_validate.core.apply_mask`, :func:`~tmask_validate.core.column_stats` and
+:func:`~tmask_validate.core.template_mask_image` -- same arguments, same normalisations, same
+edge cases (zero-variance columns give 0, partial-template ``region``) -- but express every pass
+over the data as a dask graph: the 4D chunks are read, converted to float64 and reduced where
+they live (on the workers of a ``distributed.Client`` if one is active), and only detector-sized
+(``(k, ky, kx)``) or scan-sized (``(k, scan_y, scan_x)``) float64 results travel back.
+
+Use it when the data do not fit one machine, or already live on a cluster::
+
+    import dask.array as da
+    from distributed import Client
+    from tmask_validate import parallel
+
+    client = Client("tcp://scheduler:8786")           # or Client(LocalCluster(...))
+    data = da.from_zarr("results/simulate/lifepo4.zarr", component="intensity")[3]
+    mask, image = parallel.template_mask_image(data, template, region=None)
+
+Each function makes one ``dask.compute`` call per pass (two for
+:func:`template_mask_image`, as in :mod:`tmask_validate.core`), so the data are read once per
+pass; all reductions within a pass share the chunk reads. Column statistics use sums shifted by
+the first pattern used (exact zeros for constant columns, no catastrophic cancellation for
+large offsets); everything is accumulated in float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .core import ColumnStats
+from .core._pcc import (
+    _check_masks,
+    _check_normalisation,
+    _check_region,
+    _check_templates,
+    _standardise_templates,
+    _weights_for,
+)
+from .core._stream import check_data
+
+__all__ = [
+    "apply_mask",
+    "as_dask",
+    "column_stats",
+    "pcc_mask",
+    "template_mask_image",
+]
+
+
+def as_dask(data: Any, *, rows_per_chunk: int | None = None):
+    """Return ``data`` as a 4D dask array (unchanged if it already is one).
+
+    Parameters
+    ----------
+    data : array-like
+        ``[scan_y, scan_x, ky, kx]`` numpy, memmap, zarr or dask array.
+    rows_per_chunk : int, optional
+        Scan rows per chunk for arrays that are not dask arrays yet. Default: the zarr
+        storage chunks if ``data`` has ``chunks``, else about 64 MiB per chunk.
+
+    Returns
+    -------
+    dask.array.Array
+    """
+    import dask.array as da
+
+    if isinstance(data, da.Array):
+        return data
+    info = check_data(data)
+    if rows_per_chunk is None:
+        chunks = getattr(data, "chunks", None)
+        if isinstance(chunks, tuple) and len(chunks) == 4 and all(
+                isinstance(c, int) for c in chunks):
+            return da.from_array(data, chunks=chunks)
+        row_bytes = info.scan_shape[1] * info.n * np.dtype(info.dtype).itemsize
+        rows_per_chunk = max(1, int(64 * 2**20 // max(row_bytes, 1)))
+    if rows_per_chunk < 1:
+        raise ValueError(f"rows_per_chunk must be >= 1, got {rows_per_chunk}")
+    return da.from_array(data, chunks=(int(rows_per_chunk), -1, -1, -1))
+
+
+def _scan_weights(values: np.ndarray, x) -> Any:
+    """A numpy ``(..., scan_y, scan_x)`` array as dask, chunked like the scan axes of ``x``."""
+    import dask.array as da
+
+    lead = tuple((s,) for s in values.shape[:-2])
+    return da.from_array(values, chunks=lead + x.chunks[:2])
+
+
+def _first_position(region: np.ndarray | None, scan_x: int) -> tuple[int, int]:
+    j = 0 if region is None else int(np.flatnonzero(region)[0])
+    return divmod(j, scan_x)
+
+
+def _compute(*arrays, **compute_kwargs) -> tuple[np.ndarray, ...]:
+    import dask
+
+    out = dask.compute(*arrays, **compute_kwargs)
+    out = tuple(np.asarray(a, dtype=np.float64) for a in out)
+    for a in out:
+        if not np.all(np.isfinite(a)):
+            raise ValueError("data contain NaN or Inf (non-finite result of a reduction)")
+    return out
+
+
+def _stats_from_sums(s1: np.ndarray, s2: np.ndarray, shift: np.ndarray,
+                     count: int) -> ColumnStats:
+    d1 = s1 / count
+    var = s2 / count - d1 * d1
+    var = np.where(var > 0, var, 0.0)
+    return ColumnStats(mean=shift + d1, std=np.sqrt(var), count=int(count))
+
+
+def _shifted_sums(y, region: np.ndarray | None):
+    """Lazy ``Σ y`` and ``Σ y²`` over the (region's) positions; ``y = float64(D) - shift``."""
+    if region is None:
+        return y.sum(axis=(0, 1)), (y * y).sum(axis=(0, 1))
+    w = _scan_weights(region.reshape(y.shape[:2]).astype(np.float64), y)[:, :, None, None]
+    yw = y * w
+    return yw.sum(axis=(0, 1)), (yw * y).sum(axis=(0, 1))
+
+
+def _stats_and_products(data, template, normalisation, region, all_stats, compute_kwargs):
+    """Pass 1 as one dask computation: region stats, ``t̂ᵀ(D - c)``, optional all-position stats."""
+    import dask.array as da
+
+    info = check_data(data)
+    _check_normalisation(normalisation)
+    t, single = _check_templates(template, info)
+    reg = _check_region(region, info)
+    that = _standardise_templates(t, reg).reshape((-1, *info.scan_shape))
+    x = as_dask(data)
+    iy, ix = _first_position(reg, info.scan_shape[1])
+    shift = x[iy, ix].astype(np.float64)
+    y = x.astype(np.float64) - shift
+    s1, s2 = _shifted_sums(y, reg)
+    # t̂ is zero outside the region and zero-mean inside, so t̂ᵀ(D - c) = t̂ᵀD = t̂ᵀ(D - mean)
+    prod = da.tensordot(_scan_weights(that, x), y, axes=([1, 2], [0, 1]))
+    lazy = [shift, s1, s2, prod]
+    want_all = all_stats and reg is not None
+    if want_all:
+        lazy.extend(_shifted_sums(y, None))
+    res = _compute(*lazy, **compute_kwargs)
+    c = res[0]
+    count = info.m if reg is None else int(reg.sum())
+    stats = _stats_from_sums(res[1], res[2], c, count)
+    all_st = stats if reg is None else (
+        _stats_from_sums(res[4], res[5], c, info.m) if want_all else None)
+    std = stats.std.reshape(-1)
+    mean = stats.mean.reshape(-1)
+    acc = res[3].reshape(that.shape[0], info.n)
+    good = std > 0
+    r = np.zeros_like(acc)
+    r[:, good] = acc[:, good] / (count * std[good])
+    np.clip(r, -1.0, 1.0, out=r)
+    if normalisation == "mean":
+        good_m = good & (mean != 0)
+        r[:, ~good_m] = 0.0
+        r[:, good_m] /= mean[good_m]
+    r = r.reshape((-1, *info.det_shape))
+    return (r[0] if single else r), stats, all_st
+
+
+def column_stats(data: Any, *, region: Any = None, **compute_kwargs) -> ColumnStats:
+    """Column (pixel-STEM image) mean and population std as one dask computation.
+
+    Parameters
+    ----------
+    data : array-like
+        4D ``[scan_y, scan_x, ky, kx]`` (dask arrays are used as they are chunked).
+    region : bool array (scan_y, scan_x), optional
+        Only these probe positions are used.
+    **compute_kwargs
+        Passed to ``dask.compute`` (e.g. ``scheduler=``); by default an active
+        ``distributed.Client`` is used.
+
+    Returns
+    -------
+    ColumnStats
+        As :func:`tmask_validate.core.column_stats` (float64 ``(ky, kx)`` mean and std).
+    """
+    info = check_data(data)
+    reg = _check_region(region, info)
+    x = as_dask(data)
+    iy, ix = _first_position(reg, info.scan_shape[1])
+    shift = x[iy, ix].astype(np.float64)
+    y = x.astype(np.float64) - shift
+    c, s1, s2 = _compute(shift, *_shifted_sums(y, reg), **compute_kwargs)
+    count = info.m if reg is None else int(reg.sum())
+    return _stats_from_sums(s1, s2, c, count)
+
+
+def pcc_mask(data: Any, template: Any, *, normalisation: str = "pcc", region: Any = None,
+             **compute_kwargs) -> np.ndarray:
+    """PCC mask(s) of template image(s) with every pixel-STEM image, as a dask graph.
+
+    Same semantics as :func:`tmask_validate.core.pcc_mask` (Eqs. 4-6, 8, 9): ``template`` is
+    ``(scan_y, scan_x)`` or ``(k, scan_y, scan_x)``; ``normalisation`` ``"pcc"`` or ``"mean"``;
+    ``region`` restricts the template normalisation, column statistics and correlation to a
+    subset of probe positions (partial templates); zero-variance columns give 0.
+
+    Returns
+    -------
+    ndarray
+        ``(ky, kx)`` or ``(k, ky, kx)`` float64.
+    """
+    r, _, _ = _stats_and_products(data, template, normalisation, region, False, compute_kwargs)
+    return r
+
+
+def _apply(data, w: np.ndarray, mu: np.ndarray, info, compute_kwargs) -> np.ndarray:
+    """``(D - mu) @ wᵀ`` as one dask computation; returns ``(k, scan_y, scan_x)``."""
+    import dask.array as da
+
+    x = as_dask(data)
+    y = x.astype(np.float64) - mu.reshape(info.det_shape)
+    wk = w.reshape((-1, *info.det_shape))
+    wd = da.from_array(wk, chunks=((wk.shape[0],), *x.chunks[2:]))
+    img = da.tensordot(y, wd, axes=([2, 3], [1, 2]))  # (scan_y, scan_x, k)
+    (out,) = _compute(img, **compute_kwargs)
+    return np.ascontiguousarray(np.moveaxis(out, -1, 0))
+
+
+def apply_mask(data: Any, mask: Any, *, normalised: bool = True, normalisation: str = "pcc",
+               threshold: float | None = None, stats: ColumnStats | None = None,
+               **compute_kwargs) -> np.ndarray:
+    """Apply detector mask(s) to every pattern (Eq. 7, or Eq. 2 raw), as a dask graph.
+
+    Same semantics as :func:`tmask_validate.core.apply_mask`: with ``normalised`` the columns
+    are normalised with all-position statistics (computed here in one extra dask pass unless
+    ``stats`` is given), ``threshold`` zeroes mask values ``<= threshold`` first, zero-variance
+    columns contribute nothing; the result is the plain sum over detector pixels.
+
+    Returns
+    -------
+    ndarray
+        ``(scan_y, scan_x)`` or ``(k, scan_y, scan_x)`` float64.
+    """
+    info = check_data(data)
+    _check_normalisation(normalisation)
+    w, single = _check_masks(mask, info)
+    if threshold is not None:
+        if not np.isfinite(threshold):
+            raise ValueError("threshold must be finite")
+        w = np.where(w > threshold, w, 0.0)
+    if normalised:
+        if stats is None:
+            stats = column_stats(data, **compute_kwargs)
+        elif not isinstance(stats, ColumnStats) or stats.mean.shape != info.det_shape:
+            raise ValueError(f"stats must be a ColumnStats for detector shape {info.det_shape}")
+        wn = _weights_for(w, stats, normalisation)
+        mu = stats.mean.reshape(-1)
+    else:
+        wn, mu = w, np.zeros(info.n)
+    img = _apply(data, wn, mu, info, compute_kwargs).reshape((-1, *info.scan_shape))
+    return img[0] if single else img
+
+
+def template_mask_image(data: Any, template: Any, *, normalisation: str = "pcc",
+                        region: Any = None, threshold: float | None = None,
+                        **compute_kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """PCC mask from a template and the image it gives, in two dask passes.
+
+    As :func:`tmask_validate.core.template_mask_image`: pass 1 gives the mask (statistics of
+    ``region``) and the all-position statistics together; pass 2 applies the mask (Eq. 7).
+
+    Returns
+    -------
+    mask, image : ndarray
+        ``(ky, kx)`` and ``(scan_y, scan_x)`` float64 (stacks for a template stack).
+    """
+    r, _, all_st = _stats_and_products(data, template, normalisation, region, True,
+                                       compute_kwargs)
+    img = apply_mask(data, r, normalised=True, normalisation=normalisation,
+                     threshold=threshold, stats=all_st, **compute_kwargs)
+    return r, img
