@@ -461,3 +461,13 @@ def test_metric_definitions_markdown_exported():
     assert md.startswith("## Metric definitions")
     for key in ("specificity_abs", "1.4826", "Bright crosstalk", "dark contrast", "minmax"):
         assert key in md
+
+
+def test_specificity_from_metrics_matches_matrix():
+    img, sites, step = _hand_image({"A": 4.0, "B": 1.0, "C": -2.0})
+    m = M.image_metrics(img, sites, step_A=step, radius_A=0.1, target="A")
+    d = M.specificity_from_metrics(m)
+    assert d["specificity"] == pytest.approx(0.75) and d["specificity_abs"] == pytest.approx(0.5)
+    assert d["target"] == "A" and d["target_bright"] and d["max_dark_label"] == "C"
+    with pytest.raises(ValueError, match="target"):
+        M.specificity_from_metrics(M.image_metrics(img, sites, step_A=step))

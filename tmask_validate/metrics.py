@@ -89,6 +89,7 @@ __all__ = [
     "similarity_matrix",
     "site_signals",
     "specificity",
+    "specificity_from_metrics",
     "unit_cell_average",
     "unit_cell_line_profile",
 ]
@@ -619,6 +620,34 @@ def specificity(x: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(rows, columns=["template", "specificity", "specificity_abs", "max_bright",
                                       "max_bright_label", "max_dark", "max_dark_label"])
     return out.set_index("template")
+
+
+def specificity_from_metrics(metrics: pd.DataFrame) -> dict[str, float | str | bool]:
+    """Specificity of one template image from its :func:`image_metrics` table (with target).
+
+    Parameters
+    ----------
+    metrics : pandas.DataFrame
+        Output of :func:`image_metrics` called with ``target=``.
+
+    Returns
+    -------
+    dict
+        ``target``, ``specificity``, ``specificity_abs``, ``max_bright``, ``max_bright_label``,
+        ``max_dark``, ``max_dark_label`` (as :func:`specificity`) and ``target_bright``.
+
+    Raises
+    ------
+    ValueError
+        If the table has no ``crosstalk`` column (``image_metrics`` was called without target).
+    """
+    if "crosstalk" not in metrics.columns or "target" not in metrics.columns:
+        raise ValueError("metrics table has no crosstalk: call image_metrics(..., target=...)")
+    target = str(metrics["target"].iloc[0])
+    row = pd.DataFrame([metrics["crosstalk"].to_numpy(float)], index=[target],
+                       columns=metrics["label"].astype(str).tolist())
+    out = specificity(row).iloc[0].to_dict()
+    return {"target": target, **out, "target_bright": bool(metrics["target_bright"].iloc[0])}
 
 
 # --------------------------------------------------------------------------------------------
