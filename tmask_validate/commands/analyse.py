@@ -1,0 +1,173 @@
+"""``tmask-validate analyse``: every image and mask of one dataset (see tmask_validate.analysis).
+
+INPUT is a simulation/noise store (zarr; ``--thickness-nm`` picks the nearest stored thickness)
+or any file :func:`tmask_validate.io.load` reads (experimental data). Sites come from the store,
+from ``--sites sites.csv``, or (``--structure NAME``) from the structure's projected cell laid
+onto the lattice found in the virtual ADF image (:func:`tmask_validate.sites.sites_from_image`).
+Writes OUT.nc (masks, images, templates; :func:`tmask_validate.analysis.analyse_dataset`),
+optionally the tidy metrics CSV and, for experiments, a summary figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tmask_validate.calibration import Calibration
+
+#: datasets smaller than this are read into memory once (many passes follow)
+IN_MEMORY_BYTES = 2 * 2**30
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyse", help="all virtual/template images, masks and controls of one dataset",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="simulation/noise store (.zarr) or a 4D-STEM data file")
+    p.add_argument("--thickness-nm", type=float, default=None,
+                   help="thickness to analyse (nearest stored value); stores only")
+    p.add_argument("--calibration", default=None, help="calibration YAML (experimental data)")
+    p.add_argument("--scan-shape", type=int, nargs=2, default=None, metavar=("SY", "SX"),
+                   help="scan shape for files that do not record it")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sites", default=None, help="site table CSV (label,y_A,x_A,...)")
+    g.add_argument("--structure", default=None,
+                   help="structure builder name: sites from its lattice fitted to the ADF image")
+    p.add_argument("--config", default=None, help="config YAML (its analysis section is used)")
+    p.add_argument("--dose-key", default=None, help="dose key recorded in the output metadata")
+    p.add_argument("--out", required=True, help="output NetCDF (.nc)")
+    p.add_argument("--metrics-out", default=None, help="also write the tidy metrics CSV here")
+    p.add_argument("--figure", default=None,
+                   help="also write a summary figure (PNG; PDF next to it)")
+    p.set_defaults(func=run)
+
+
+def _atomic_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _load_store_dataset(path: Path, thickness_nm: float | None):
+    """(data, sites, calibration, cell_A, periodic, origin_A, meta) from a simulation store."""
+    from tmask_validate.analysis import sites_from_dataset
+    from tmask_validate.simulate import load_store
+
+    ds = load_store(path)
+    inten = ds["intensity"]
+    meta = {"structure": ds.attrs.get("structure", path.stem),
+            "dose_e_per_A2": ds.attrs.get("dose_e_per_A2"),
+            "n_configurations": ds.attrs.get("n_configurations")}
+    if "thickness" in inten.dims:
+        th = ds["thickness"].values.astype(float)
+        if thickness_nm is None:
+            if th.size != 1:
+                raise ValueError(f"{path} holds thicknesses {th.tolist()} nm: give --thickness-nm")
+            i = 0
+        else:
+            i = int(np.argmin(np.abs(th - thickness_nm)))
+        inten = inten.isel(thickness=i)
+        meta["thickness_nm"] = float(th[i])
+        if thickness_nm is not None:
+            meta["thickness_config_nm"] = float(thickness_nm)
+    cal = Calibration.from_dict(json.loads(ds.attrs["calibration"]))
+    cell = ds.attrs.get("cell_A")
+    cell = json.loads(cell) if isinstance(cell, str) else cell
+    periodic = bool(ds.attrs.get("periodic", False))
+    origin = (float(ds["scan_y"].values[0]), float(ds["scan_x"].values[0]))
+    sites = sites_from_dataset(ds)
+    return inten.data, sites, cal, cell, periodic, origin, meta
+
+
+def _materialise(data):
+    nbytes = int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize
+    if nbytes <= IN_MEMORY_BYTES:
+        return np.ascontiguousarray(np.asarray(data))
+    return data
+
+
+def _experimental_sites(data, cal: Calibration, structure: str, opts: dict):
+    """Sites for experimental data: the structure's projected cell mapped onto the ADF lattice."""
+    from tmask_validate import core, structures
+    from tmask_validate import sites as sitesmod
+
+    table = structures.projected_columns(structure)
+    atoms = structures.build(structure)
+    cell = structures.projected_cell_A(atoms)
+    det = opts["detectors_mrad"]["adf"]
+    center = cal.center_px or core.estimate_center_px(data)
+    masks = core.virtual_detector_masks(data.shape[2:], {"adf": tuple(det)}, center_px=center,
+                                        mrad_per_px=cal.mrad_per_px)
+    adf = core.virtual_images(data, masks)["adf"]
+    from tmask_validate.analysis import _composition_z
+
+    heaviest = max(dict.fromkeys(table["label"]),
+                   key=lambda lab: _composition_z(
+                       str(table.loc[table["label"] == lab, "composition"].iloc[0]), lab))
+    sites, _ = sitesmod.sites_from_image(adf, table, cell, step_A=cal.step_A,
+                                         match_label=heaviest,
+                                         rotation_deg=cal.scan_rotation_deg)
+    return sites, cell
+
+
+def run(args: argparse.Namespace) -> int:
+    from tmask_validate.analysis import analyse_dataset, analysis_options, dataset_metrics
+    from tmask_validate.config import load_config
+
+    t0 = time.time()
+    inp = Path(args.input)
+    cfg = load_config(args.config) if args.config else None
+    opts = analysis_options(cfg["analysis"] if cfg else None)
+    is_store = inp.is_dir() and (inp / "intensity").exists()
+    experimental = False
+    if is_store and args.calibration is None:
+        data, sites, cal, cell, periodic, origin, meta = _load_store_dataset(
+            inp, args.thickness_nm)
+    else:
+        from tmask_validate import io
+
+        arr = io.load(inp, calibration=args.calibration, thickness_nm=args.thickness_nm,
+                      scan_shape=tuple(args.scan_shape) if args.scan_shape else None)
+        cal = Calibration.from_dict(json.loads(arr.attrs["calibration"]))
+        data, cell, periodic, origin = arr.data, None, False, (0.0, 0.0)
+        meta = {"structure": args.structure or inp.stem, "source": str(inp),
+                "thickness_nm": args.thickness_nm}
+        experimental = True
+    data = _materialise(data)
+    if args.sites:
+        from tmask_validate.sites import read_sites_csv
+
+        sites = read_sites_csv(args.sites)
+    elif args.structure:
+        sites, cell = _experimental_sites(data, cal, args.structure, opts)
+    elif experimental:
+        raise ValueError("experimental data need --sites CSV or --structure NAME")
+    if args.dose_key:
+        meta["dose_key"] = args.dose_key
+    meta.setdefault("dose_key", "noiseless" if meta.get("dose_e_per_A2") is None else "")
+    ads = analyse_dataset(data, sites, cal, cell_A=cell, periodic=periodic, options=opts,
+                          origin_A=origin, meta=meta)
+    ads.attrs["wall_time_s"] = float(time.time() - t0)
+    out = Path(args.out)
+    tmp = _atomic_path(out)
+    ads.to_netcdf(tmp, engine="h5netcdf")
+    tmp.replace(out)
+    print(f"analyse: {len(ads['name'])} images/masks -> {out} ({time.time() - t0:.1f} s)")
+    if args.metrics_out or args.figure or experimental:
+        df = dataset_metrics(ads, sites)
+        mout = Path(args.metrics_out) if args.metrics_out else out.with_suffix(".csv")
+        tmp = _atomic_path(mout)
+        df.to_csv(tmp, index=False, float_format="%.6g")
+        tmp.replace(mout)
+        print(f"analyse: {len(df)} metric rows -> {mout}")
+    if args.figure or experimental:
+        from tmask_validate import plots
+
+        fig_path = Path(args.figure) if args.figure else out.with_suffix(".png")
+        plots.dataset_overview(ads, fig_path)
+        print(f"analyse: figure -> {fig_path}")
+    return 0

@@ -1,0 +1,44 @@
+"""``tmask-validate claims``: evaluate the paper's claims on the aggregated metrics.
+
+Writes one row per claim x dataset (claim, dataset, measured number, threshold, pass/fail) to
+``--out`` (``results/claims.csv``); see :mod:`tmask_validate.claims`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("claims", help="paper claims -> claims.csv (pass/fail)",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--metrics", required=True, help="results/metrics/metrics.csv")
+    p.add_argument("--similarity", default=None, help="results/metrics/mask_similarity.csv")
+    p.add_argument("--config", default=None, help="config YAML (thresholds, builders)")
+    p.add_argument("--out", required=True, help="output CSV (results/claims.csv)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tmask_validate.claims import evaluate_claims
+    from tmask_validate.config import load_config
+
+    cfg = load_config(args.config) if args.config else None
+    metrics = pd.read_csv(args.metrics, keep_default_na=False, na_values=[""])
+    sim = pd.read_csv(args.similarity) if args.similarity else None
+    claims = evaluate_claims(metrics, sim, config=cfg)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    claims.to_csv(tmp, index=False, float_format="%.4g")
+    tmp.replace(out)
+    n_pass = int(claims["passed"].sum()) if len(claims) else 0
+    print(f"claims: {n_pass}/{len(claims)} passed -> {out}")
+    for cid, g in claims.groupby("claim_id", sort=False):
+        print(f"  {cid:32s} {int(g['passed'].sum())}/{len(g)} datasets pass")
+    return 0

@@ -1,0 +1,81 @@
+"""``tmask-validate workflow``: run the Snakemake validation workflow.
+
+Runs ``snakemake`` in a subprocess (the package never imports Snakemake) with the repository's
+``Snakefile``, the given config, ``--cores`` and the rerun triggers of the config's
+``workflow.rerun_triggers`` (default ``mtime params input``: a job re-runs when an input is newer,
+when the config values it depends on changed, or when its set of inputs changed). Extra
+arguments after the options are passed to snakemake unchanged (e.g. ``-n``, ``--forceall``,
+``--executor slurm``). At the end it prints where the report is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("workflow", help="run the Snakemake workflow (report at the end)",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="config YAML (e.g. config/default.yaml)")
+    p.add_argument("--cores", default="all", help="cores for snakemake (default: all)")
+    p.add_argument("--profile", default=None, help="snakemake profile (e.g. config/profiles/slurm)")
+    p.add_argument("--snakefile", default=None, help="Snakefile (default: the repository's)")
+    p.add_argument("--directory", default=None,
+                   help="working directory (results/ lands under it; default: current)")
+    p.add_argument("snakemake_args", nargs=argparse.REMAINDER,
+                   help="further arguments passed to snakemake")
+    p.set_defaults(func=run)
+
+
+def find_snakefile() -> Path:
+    """The repository's Snakefile (next to the installed package in an editable install)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent / "Snakefile"
+        if cand.is_file():
+            return cand
+    cand = Path.cwd() / "Snakefile"
+    if cand.is_file():
+        return cand
+    raise FileNotFoundError("no Snakefile found next to the package or in the current folder")
+
+
+def snakemake_command(args: argparse.Namespace) -> list[str]:
+    """The snakemake command line this invocation runs."""
+    from tmask_validate.config import load_config
+
+    cfg = load_config(args.config)
+    exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
+    snakefile = Path(args.snakefile) if args.snakefile else find_snakefile()
+    cmd = [exe, "--snakefile", str(snakefile), "--configfile", str(Path(args.config).resolve()),
+           "--cores", str(args.cores), "--rerun-triggers", *cfg["workflow"]["rerun_triggers"],
+           "--rerun-incomplete", "--printshellcmds", "--show-failed-logs"]
+    if args.profile:
+        cmd += ["--profile", args.profile]
+    if args.directory:
+        cmd += ["--directory", args.directory]
+    extra = [a for a in (args.snakemake_args or []) if a != "--"]
+    return cmd + extra
+
+
+def run(args: argparse.Namespace) -> int:
+    from tmask_validate.config import load_config
+
+    cmd = snakemake_command(args)
+    print("+ " + " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd)
+    cfg = load_config(args.config)
+    base = Path(args.directory) if args.directory else Path.cwd()
+    report = (base / cfg["workflow"]["results_dir"] / "report" / "report.html").resolve()
+    if rc == 0 and report.is_file():
+        print(f"\nReport: {report}")
+        print(f"Claims: {report.parent.parent / 'claims.csv'}")
+    elif rc != 0:
+        print(f"\nsnakemake failed (exit {rc}); logs under "
+              f"{base / cfg['workflow']['results_dir'] / 'logs'}", file=sys.stderr)
+    return rc
