@@ -14,6 +14,10 @@ import sys
 COMMAND_MODULES = [
     "tmask_validate.commands.simulate",
     "tmask_validate.commands.noise",
+    "tmask_validate.commands.analyse",
+    "tmask_validate.commands.metrics",
+    "tmask_validate.commands.claims",
+    "tmask_validate.commands.workflow",
 ]
 
 
