@@ -89,8 +89,9 @@ def write_override_profile(directory: Path, cluster: SlurmCluster) -> Path:
     project = yaml.safe_load((PROFILE / "config.yaml").read_text())
     mem_cap = min(TEST_JOB_MEM_MB, cluster.real_memory_mb // max(cluster.cpus, 1))
     default = dict(project.get("default-resources") or {})
-    default.update(mem_mb=_cap(default.get("mem_mb", mem_cap), mem_cap), runtime=10,
-                   cpus_per_task=_cap(default.get("cpus_per_task", 1), cluster.cpus))
+    default.update(mem_mb=_cap(default.get("mem_mb", mem_cap), mem_cap), runtime=10)
+    if "cpus_per_task" in default:
+        default["cpus_per_task"] = _cap(default["cpus_per_task"], cluster.cpus)
     set_resources = {}
     for rule, res in (project.get("set-resources") or {}).items():
         res = dict(res)
@@ -101,9 +102,12 @@ def write_override_profile(directory: Path, cluster: SlurmCluster) -> Path:
         if "cpus_per_task" in res:
             res["cpus_per_task"] = _cap(res["cpus_per_task"], cluster.cpus)
         set_resources[rule] = res
+    set_threads = {rule: _cap(n, cluster.cpus)
+                   for rule, n in (project.get("set-threads") or {}).items()}
     override = {
         "default-resources": default,
         "set-resources": set_resources,
+        "set-threads": set_threads,
         "jobs": 4,
         "latency-wait": 5,
         "retries": 0,
@@ -173,8 +177,9 @@ def test_tiny_workflow_runs_through_slurm(slurm_cluster, tmp_path):
     combine_id = summary[-1].split("job=")[1]
     assert all(j.isdigit() for j in job_ids | {combine_id}), summary
     assert len(job_ids | {combine_id}) == 4
-    # the profile's set-resources reached sbatch: simulate asked for cpus_per_task
-    want_cpus = min(2, slurm_cluster.cpus)
+    # the profile's set-threads reached sbatch as --cpus-per-task for simulate
+    want_cpus = min(yaml.safe_load((PROFILE / "config.yaml").read_text())["set-threads"][
+        "simulate"], slurm_cluster.cpus)
     assert all(p.split()[2] == f"cpus={want_cpus}" for p in parts), parts
 
     # slurmctld's own record (MinJobAge keeps finished jobs): 4 jobs, all COMPLETED
