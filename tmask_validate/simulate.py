@@ -317,7 +317,7 @@ def run_configuration(
     max_batch = sim.get("max_batch", "auto")
     measurements = probe.scan(potential, scan=scan, detectors=detectors, max_batch=max_batch)
     # one compute for all detectors: computing them one by one reruns the multislice
-    measurements = measurements.compute(progress_bar=progress)
+    measurements = measurements.compute(progress_bar="tqdm" if progress else False)
     patterns = measurements[0]
     arr = np.asarray(patterns.array)
     if arr.ndim == 4:
@@ -684,6 +684,16 @@ def store_sites(ds: xr.Dataset):
     return pd.DataFrame(cols)
 
 
+def _simulation_identity(config: Mapping[str, Any], structure: str) -> dict[str, Any]:
+    """The parts of a config that determine a structure's simulation (for combine checks)."""
+    sim = dict(config.get("simulation", {}))
+    phonons = dict(sim.get("phonons", {}))
+    phonons.pop("chunk_size", None)  # how the work is split does not change the result
+    sim["phonons"] = phonons
+    return {"seed": config.get("seed"), "simulation": sim,
+            "structure": config.get("structures", {}).get(structure)}
+
+
 def combine_stores(paths: Iterable[str | Path], out: str | Path) -> Path:
     """Weighted mean (by ``n_configurations``) of chunk stores of the same simulation.
 
@@ -695,14 +705,16 @@ def combine_stores(paths: Iterable[str | Path], out: str | Path) -> Path:
         raise ValueError("combine needs at least one input store")
     stores = [load_store(p) for p in paths]
     first = stores[0]
-    ref_cfg = json.loads(first.attrs["config"])
+    ref_cfg = _simulation_identity(json.loads(first.attrs["config"]), first.attrs["structure"])
     seen: list[int] = []
     for p, ds in zip(paths, stores, strict=True):
         if ds.attrs.get("structure") != first.attrs.get("structure"):
             raise ValueError(f"{p}: structure {ds.attrs.get('structure')!r} differs from "
                              f"{first.attrs.get('structure')!r}")
-        if json.loads(ds.attrs["config"]) != ref_cfg:
-            raise ValueError(f"{p}: was simulated with a different config than {paths[0]}")
+        cfg = _simulation_identity(json.loads(ds.attrs["config"]), ds.attrs["structure"])
+        if cfg != ref_cfg:
+            diff = sorted(k for k in ref_cfg if ref_cfg[k] != cfg.get(k))
+            raise ValueError(f"{p}: simulated with different settings ({diff}) than {paths[0]}")
         if ds.attrs.get("dose_e_per_A2") is not None:
             raise ValueError(f"{p}: noisy stores cannot be combined")
         for name in ("intensity",):
