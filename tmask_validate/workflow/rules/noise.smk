@@ -7,7 +7,7 @@ rule noise:
     output:
         directory(R / "noise" / "{structure}" / "{dose}.zarr"),
     params:
-        config=EFFECTIVE_CONFIG,
+        seed=CFG["dose"].get("seed", 0),
         dose=lambda w: T.dose_values(CFG)[w.dose],
         depends=lambda w: T.noise_params(CFG, w.dose),
     log:
@@ -17,5 +17,5 @@ rule noise:
         mem_mb=res("noise")["mem_mb"],
         runtime=res("noise")["runtime"],
     shell:
-        "tmask-validate noise {input} --config {params.config} --dose {params.dose} "
+        "tmask-validate noise {input} --dose {params.dose} --seed {params.seed} "
         "--out {output} > {log} 2>&1"

@@ -17,7 +17,7 @@ rule simulate:
         runtime=res("simulate")["runtime"],
     shell:
         "tmask-validate simulate --config {params.config} --structure {wildcards.structure} "
-        "--configurations {params.configurations} --out {output} > {log} 2>&1"
+        "--configurations {params.configurations} --out {output} --quiet > {log} 2>&1"
 
 
 rule combine:

@@ -1,0 +1,479 @@
+"""Figures of the validation workflow (matplotlib, Agg backend; PNG + PDF).
+
+Paper figures reproduced on simulated data, from one analysis Dataset
+(:func:`tmask_validate.analysis.analyse_dataset`):
+
+- :func:`fig1c_dmatrix` - sorted, normalised D matrix with example masks (Fig. 1c);
+- :func:`fig2_adf` - virtual ADF, PCC map of the ADF image, intensity and PCC vs angle,
+  optimised ADF (Fig. 2);
+- :func:`fig3_species` - per-species PCC masks and images, all-atom image (Fig. 3);
+- :func:`fig4_domain_wall` - PbTiO3 domain wall: ADF, ABF, partial-template Pb/Ti/O/all images
+  and the Ti-O displacement map (Fig. 4);
+- :func:`fig5_compare` - inverted ABF, iCoM, template image and the unit-cell-averaged line
+  profile (Fig. 5);
+
+and from the aggregated metrics table: :func:`sweep_thickness` and :func:`sweep_dose`
+(specificity and CNR of template masks, best ABF and iCoM vs thickness / dose).
+Every function returns ``(figure, caption)``; :func:`save` writes PNG and PDF.
+Periodic one-cell images are tiled (``tile`` x ``tile``) for display.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import xarray as xr  # noqa: E402
+
+__all__ = [
+    "save",
+    "fig1c_dmatrix",
+    "fig2_adf",
+    "fig3_species",
+    "fig4_domain_wall",
+    "fig5_compare",
+    "sweep_thickness",
+    "sweep_dose",
+    "dataset_overview",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def save(fig, path: str | Path, *, dpi: int = 130) -> tuple[Path, Path]:
+    """Write ``path`` (.png) and the same name with .pdf; close the figure."""
+    path = Path(path).with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    pdf = path.with_suffix(".pdf")
+    fig.savefig(pdf, bbox_inches="tight")
+    plt.close(fig)
+    return path, pdf
+
+
+def _names(ads) -> list[str]:
+    return [str(n) for n in ads["name"].values]
+
+
+def _has(ads, name: str) -> bool:
+    return name in _names(ads)
+
+
+def _img(ads, name: str, *, polarity: bool = False) -> np.ndarray:
+    i = _names(ads).index(name)
+    img = ads["images"].values[i].astype(float)
+    if polarity:
+        img = img * float(ads["polarity"].values[i])
+    return img
+
+
+def _mask(ads, name: str) -> np.ndarray:
+    return ads["masks"].values[_names(ads).index(name)].astype(float)
+
+
+def _periodic(ads) -> bool:
+    return bool(int(ads.attrs.get("periodic", 0)))
+
+
+def _tile(ads, img: np.ndarray, tile: int) -> np.ndarray:
+    return np.tile(img, (tile, tile)) if _periodic(ads) and tile > 1 else img
+
+
+def _step(ads) -> tuple[float, float]:
+    return tuple(json.loads(ads.attrs["calibration"])["step_A"])
+
+
+def _meta(ads) -> dict:
+    return json.loads(ads.attrs.get("meta", "{}"))
+
+
+def _title(ads) -> str:
+    m = _meta(ads)
+    t = m.get("thickness_nm")
+    tt = f"{t:.1f} nm" if isinstance(t, int | float) else "?"
+    return f"{m.get('structure', '')}, {tt}, {m.get('dose_key', '')}"
+
+
+def _show_image(ax, ads, img, *, tile=3, title="", cmap="gray"):
+    sy, sx = _step(ads)
+    im = _tile(ads, img, tile)
+    ax.imshow(im, cmap=cmap, origin="upper",
+              extent=(0, im.shape[1] * sx, im.shape[0] * sy, 0), interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _show_mask(ax, ads, mask, *, title="", diverging=True):
+    ky, kx = ads["ky"].values, ads["kx"].values
+    ext = (kx[0], kx[-1], ky[-1], ky[0])
+    if diverging:
+        v = float(np.max(np.abs(mask))) or 1.0
+        ax.imshow(mask, cmap="RdBu_r", vmin=-v, vmax=v, extent=ext, origin="upper")
+    else:
+        ax.imshow(mask, cmap="gray", extent=ext, origin="upper")
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(labelsize=6)
+
+
+def _inset_mask(ax, ads, mask, diverging=True):
+    ins = ax.inset_axes([0.68, 0.68, 0.3, 0.3])
+    _show_mask(ins, ads, mask, diverging=diverging)
+    ins.set_xticks([])
+    ins.set_yticks([])
+
+
+def _labels(ads) -> list[str]:
+    return list(dict.fromkeys(str(x) for x in ads["site_label"].values))
+
+
+def _overlay_sites(ax, ads, tile=3):
+    sy, sx = _step(ads)
+    ny, nx = ads["images"].shape[1:]
+    y = ads["site_y_A"].values.astype(float)
+    x = ads["site_x_A"].values.astype(float)
+    lab = ads["site_label"].values.astype(str)
+    org = json.loads(ads.attrs.get("origin_A", "[0, 0]"))
+    reps = range(tile) if _periodic(ads) else range(1)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, L in enumerate(_labels(ads)):
+        sel = lab == L
+        pts = []
+        for i in reps:
+            for j in reps:
+                yy = y[sel] - org[0] + i * ny * sy
+                xx = x[sel] - org[1] + j * nx * sx
+                pts.append(np.stack([yy, xx], 1))
+        p = np.concatenate(pts)
+        ax.scatter(p[:, 1] + sx / 2, p[:, 0] + sy / 2, s=6, facecolors="none",
+                   edgecolors=colors[k % len(colors)], linewidths=0.6, label=L)
+    ax.legend(fontsize=6, loc="lower right", framealpha=0.6, markerscale=1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# paper figures
+# ----------------------------------------------------------------------------------------------
+def fig1c_dmatrix(ads: xr.Dataset, *, example: str | None = None):
+    """Fig. 1c: sorted normalised D matrix with example masks (ADF, ABF, template) above it."""
+    dm = ads["dmatrix"].values
+    cang = ads["dmatrix_col_angle_mrad"].values
+    ang = ads["angle_mrad"].values.ravel()
+    order = np.argsort(ang, kind="stable")
+    if example is None:
+        cands = [f"tm_pcc_binary_{L}" for L in ("O", "Li", "all")] + ["tm_pcc_binary_all"]
+        example = next((c for c in cands if _has(ads, c)), "adf_pcc")
+    fig = plt.figure(figsize=(6.5, 6))
+    gs = fig.add_gridspec(4, 1, height_ratios=[0.35, 0.35, 0.35, 6], hspace=0.15)
+    for k, name in enumerate(["adf", "abf", example]):
+        ax = fig.add_subplot(gs[k])
+        vals = _mask(ads, name).ravel()[order]
+        idx = np.clip(np.searchsorted(ang[order], cang), 0, vals.size - 1)
+        strip = vals[idx][None, :]
+        v = float(np.max(np.abs(strip))) or 1.0
+        ax.imshow(strip, aspect="auto", cmap="gray" if name in ("adf", "abf") else "RdBu_r",
+                  vmin=0 if name in ("adf", "abf") else -v, vmax=v)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    ax = fig.add_subplot(gs[3])
+    lo, hi = np.percentile(dm, [1, 99])
+    ax.imshow(dm, aspect="auto", cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+    ticks = np.linspace(0, len(cang) - 1, 6).astype(int)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{cang[t]:.0f}" for t in ticks], fontsize=7)
+    ax.set_xlabel("pixel-STEM images sorted by scattering angle (mrad)", fontsize=8)
+    ax.set_ylabel("probe positions sorted by high-angle intensity", fontsize=8)
+    fig.suptitle(f"Sorted normalised D matrix - {_title(ads)}", fontsize=9)
+    cap = ("Fig. 1c analogue: columns of the normalised matrix D̂ (Eq. 4) sorted by scattering "
+           "angle, rows (probe positions) by intensity beyond the ADF inner angle; above, the "
+           f"binary ADF and ABF masks and the PCC mask '{example}' as row vectors in the same "
+           "column order.")
+    return fig, cap
+
+
+def fig2_adf(ads: xr.Dataset, *, tile: int = 3):
+    """Fig. 2: virtual ADF, its PCC map, intensity and PCC vs angle, optimised ADF."""
+    fig, axs = plt.subplots(1, 4, figsize=(13, 3.4))
+    _show_image(axs[0], ads, _img(ads, "adf"), tile=tile, title="(a) virtual ADF")
+    _inset_mask(axs[0], ads, _mask(ads, "adf"), diverging=False)
+    _show_mask(axs[1], ads, _mask(ads, "adf_pcc"), title="(b) PCC map r_adf (Eq. 6)")
+    ang = ads["angle_mrad"].values.ravel()
+    mean = ads["mean_pattern"].values.ravel()
+    r = _mask(ads, "adf_pcc").ravel()
+    ax = axs[2]
+    ax.scatter(ang, mean / max(mean.max(), 1e-30), s=1, c="tab:blue", label="mean intensity")
+    ax.set_yscale("log")
+    ax.set_xlabel("scattering angle (mrad)", fontsize=8)
+    ax.set_ylabel("mean intensity (norm.)", fontsize=8, color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.scatter(ang, r, s=1, c="tab:red")
+    ax2.set_ylabel("PCC r", fontsize=8, color="tab:red")
+    ax.set_title("(c) intensity and PCC vs angle", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax2.tick_params(labelsize=7)
+    _show_image(axs[3], ads, _img(ads, "adf_opt"), tile=tile,
+                title="(d) optimised ADF (Eq. 8 mask, r > 0)")
+    _inset_mask(axs[3], ads, _mask(ads, "adf_opt"), diverging=False)
+    fig.suptitle(_title(ads), fontsize=9)
+    cap = ("Fig. 2 analogue: (a) virtual ADF image (binary mask inset); (b) PCC of every "
+           "pixel-STEM image with the ADF image (red positive, blue negative); (c) mean "
+           "intensity (blue) and PCC (red) of each detector pixel vs scattering angle; (d) "
+           "optimised ADF image from the Eq. 8 ('mean') mask of the ADF image thresholded at "
+           "r > 0 and applied to the raw data (mask inset).")
+    return fig, cap
+
+
+def fig3_species(ads: xr.Dataset, *, kind: str = "binary", tile: int = 3, norm: str = "pcc"):
+    """Fig. 3: ABF with sites, per-species PCC masks (top) and images (bottom), all-atom."""
+    labels = [L for L in _labels(ads) if _has(ads, f"tm_{norm}_{kind}_{L}")]
+    cols = ["abf", *labels, "all"]
+    fig, axs = plt.subplots(2, len(cols), figsize=(2.4 * len(cols), 5))
+    axs = np.atleast_2d(axs)
+    _show_image(axs[0, 0], ads, _img(ads, "abf"), tile=tile, title="virtual ABF + sites")
+    _overlay_sites(axs[0, 0], ads, tile=tile)
+    first = labels[-1] if labels else "all"
+    _show_image(axs[1, 0], ads, ads["templates"].values[_names(ads).index(
+        f"tm_{norm}_{kind}_{first}")], tile=tile, title=f"template s_{first}", cmap="magma")
+    for j, L in enumerate(cols[1:], start=1):
+        name = f"tm_{norm}_{kind}_{L}"
+        if not _has(ads, name):
+            axs[0, j].axis("off")
+            axs[1, j].axis("off")
+            continue
+        _show_mask(axs[0, j], ads, _mask(ads, name), title=f"r_{L}")
+        _show_image(axs[1, j], ads, _img(ads, name), tile=tile, title=f"image {L}")
+    fig.suptitle(f"Atom-specific PCC masks and images ({kind}, {norm}) - {_title(ads)}",
+                 fontsize=9)
+    cap = (f"Fig. 3 analogue: virtual ABF image with the column sites; {kind} template of the "
+           "last label; top row: PCC masks r_L (Eq. 9) of each column type and of all columns "
+           "(red positive, blue negative correlation); bottom row: the images they give (Eq. 7).")
+    return fig, cap
+
+
+def _ti_o_map(ads, ax, gtag):
+    """Fig. 4h: Ti displacement from the centre of its four O columns (measured on the Ti- and
+    O-specific partial-template images)."""
+    from tmask_validate import sites as sitesmod
+
+    labels = _labels(ads)
+    ti = next((L for L in labels if L.split("+")[0] == "Ti"), None)
+    o = next((L for L in labels if L.split("+")[0] == "O"), None)
+    if ti is None or o is None or not hasattr(sitesmod, "ti_o_displacement"):
+        ax.axis("off")
+        return False
+    tab = pd.DataFrame({"label": ads["site_label"].values.astype(str),
+                        "y_A": ads["site_y_A"].values, "x_A": ads["site_x_A"].values})
+    step = _step(ads)
+    pos = {}
+    for L in (ti, o):
+        name = f"partial_pcc_{gtag}_{L}"
+        if not _has(ads, name):
+            name = f"tm_pcc_{gtag}_{L}"
+        ref = sitesmod.refine_sites(_img(ads, name), tab, step_A=step, labels=[L])
+        pos[L] = ref[["y_A", "x_A"]].to_numpy()
+    cell = json.loads(ads.attrs.get("cell_A", "null")) or [3.9, 3.9]
+    try:
+        disp = sitesmod.ti_o_displacement(pos[ti], pos[o], cell_A=cell[:2] if len(cell) > 1
+                                          else cell)
+    except (ValueError, TypeError):
+        ax.axis("off")
+        return False
+    _show_image(ax, ads, _img(ads, "adf"), tile=1, title="(h) Ti - O-centre displacement")
+    ax.quiver(disp["x_A"], disp["y_A"], disp["dx_A"], disp["dy_A"], color="yellow",
+              angles="xy", scale_units="xy", scale=0.1, width=0.01)
+    return True
+
+
+def fig4_domain_wall(ads: xr.Dataset, *, gaussian_tag: str | None = None):
+    """Fig. 4: domain wall - ADF, ABF with the reference window, partial-template images."""
+    gtag = gaussian_tag or "g" + format(float(ads.attrs.get("reference_sigma_A", 0.35)), ".2f"
+                                        ).rstrip("0").rstrip(".")
+    labels = [L for L in _labels(ads) if _has(ads, f"partial_pcc_{gtag}_{L}")] + ["all"]
+    n = 2 + len(labels) + 1
+    fig, axs = plt.subplots(1, n, figsize=(2.5 * n, 3))
+    _show_image(axs[0], ads, _img(ads, "adf"), tile=1, title="(a) virtual ADF")
+    _show_image(axs[1], ads, _img(ads, "abf"), tile=1, title="(b) virtual ABF + window")
+    if "region_partial" in ads:
+        reg = ads["region_partial"].values.astype(bool)
+        sy, sx = _step(ads)
+        axs[1].contour(np.arange(reg.shape[1]) * sx + sx / 2, np.arange(reg.shape[0]) * sy
+                       + sy / 2, reg.astype(float), levels=[0.5], colors="cyan", linewidths=1)
+    for k, L in enumerate(labels):
+        name = f"partial_pcc_{gtag}_{L}"
+        ax = axs[2 + k]
+        if not _has(ads, name):
+            ax.axis("off")
+            continue
+        _show_image(ax, ads, _img(ads, name), tile=1, title=f"({chr(99 + k)}) {L} (partial)")
+        _inset_mask(ax, ads, _mask(ads, name))
+    has_map = _ti_o_map(ads, axs[-1], gtag)
+    fig.suptitle(f"Domain wall, partial templates (gaussian {gtag}) - {_title(ads)}", fontsize=9)
+    cap = ("Fig. 4 analogue: (a) virtual ADF and (b) virtual ABF of the domain-wall scan; the "
+           "cyan box is the reference window (1/9 of the area) of the partial templates; then "
+           "the images given by the partial-template PCC masks (inset) of each column type and "
+           "of all columns, applied to the whole scan"
+           + ("; (h) Ti column displacement from the centre of its four O columns, positions "
+              "refined on the Ti and O images." if has_map else "."))
+    return fig, cap
+
+
+def fig5_compare(ads: xr.Dataset, *, tile: int = 3, template: str = "tm_pcc_binary_all"):
+    """Fig. 5: inverted ABF, iCoM, template image and a unit-cell-averaged line profile."""
+    from tmask_validate import metrics
+
+    names = [("abf", "inverted virtual ABF"), ("icom", "iCoM"), (template, "template (all)")]
+    fig = plt.figure(figsize=(12, 3.4))
+    gs = fig.add_gridspec(1, 4, width_ratios=[1, 1, 1, 1.6])
+    step = _step(ads)
+    cell = json.loads(ads.attrs.get("cell_A", "null"))
+    labels = _labels(ads)
+    light = next((L for L in ("Li", "O") if L in labels), labels[-1])
+    sel = ads["site_label"].values.astype(str) == light
+    y0 = float(ads["site_y_A"].values[sel][0])
+    org = json.loads(ads.attrs.get("origin_A", "[0, 0]"))
+    sx_extent = ads["images"].shape[2] * step[1]
+    L_x = (cell[1] if cell else sx_extent)
+    start, end = (y0, org[1]), (y0, org[1] + L_x)
+    ax_p = fig.add_subplot(gs[3])
+    for k, (name, title) in enumerate(names):
+        if not _has(ads, name):
+            continue
+        ax = fig.add_subplot(gs[k])
+        img = _img(ads, name, polarity=True)
+        _show_image(ax, ads, img, tile=tile, title=title)
+        if k == 0:
+            for dy in (-0.4, 0.4):
+                ax.axhline(y0 - org[0] + dy + step[0] / 2, color="lime", lw=0.6)
+        try:
+            if cell:
+                prof = metrics.unit_cell_line_profile(img, start, end, step_A=step, cell_A=cell,
+                                                      origin_A=org, width_A=0.8)
+            else:
+                prof = metrics.line_profile(img, start, (y0, org[1] + sx_extent - step[1]),
+                                            step_A=step, origin_A=org, width_A=0.8)
+            xcol = "distance_A" if "distance_A" in prof else prof.columns[0]
+            ycol = "profile" if "profile" in prof else prof.columns[-1]
+            ax_p.plot(prof[xcol], prof[ycol], label=title)
+        except (ValueError, KeyError):
+            pass
+    near = np.abs(ads["site_y_A"].values - y0) < 0.6
+    for L, x in zip(ads["site_label"].values[near].astype(str),
+                    ads["site_x_A"].values[near], strict=True):
+        ax_p.axvline(float(x) - org[1], color="0.7", lw=0.5)
+        ax_p.text(float(x) - org[1], 1.02, L, fontsize=6, ha="center")
+    ax_p.set_xlabel("distance along the line (Å)", fontsize=8)
+    ax_p.set_ylabel("normalised intensity", fontsize=8)
+    ax_p.legend(fontsize=6)
+    ax_p.set_title(f"(d) unit-cell-averaged profile through {light} columns", fontsize=8)
+    fig.suptitle(_title(ads), fontsize=9)
+    cap = ("Fig. 5 analogue: inverted virtual ABF, iCoM and the all-atom template image of the "
+           f"same data; (d) line profile along x through the {light} columns (between the green "
+           "lines in the first panel), averaged over unit cells and normalised; grey lines mark "
+           "the column positions near the line.")
+    return fig, cap
+
+
+def dataset_overview(ads: xr.Dataset, path: str | Path, *, dpi: int = 110):
+    """One-page summary of any analysed dataset (experimental data): ADF, inverted ABF, iCoM,
+    eigen-image and per-species template images with their masks."""
+    fig, _ = fig3_species(ads, tile=1)
+    save(fig, path, dpi=dpi)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# sweep plots from the aggregated metrics table
+# ----------------------------------------------------------------------------------------------
+def _light(labels) -> str:
+    for L in ("Li", "O"):
+        if L in labels:
+            return L
+    return sorted(labels)[0]
+
+
+def sweep_thickness(metrics: pd.DataFrame, structure: str, *, dose_key: str = "noiseless"):
+    """Specificity of each species' binary PCC template and CNR (lightest species) of template
+    images, best ABF, ABF and iCoM vs thickness."""
+    d = metrics[(metrics["structure"] == structure) & (metrics["dose_key"] == dose_key)].copy()
+    d["t"] = d["thickness_nm"].astype(float)
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4))
+    tm = d[(d["family"] == "template") & (d["normalisation"] == "pcc")
+           & (d["template_kind"] == "binary") & (d["metric"] == "specificity")]
+    for L, g in tm.groupby("species"):
+        g = g.sort_values("t")
+        axs[0].plot(g["t"], g["value"], "o-", label=f"tm {L}")
+    axs[0].axhline(0.8, color="0.6", ls="--", lw=0.8)
+    axs[0].set_xlabel("thickness (nm)")
+    axs[0].set_ylabel("specificity (bright)")
+    axs[0].legend(fontsize=7)
+    axs[0].set_title(f"{structure}: specificity of binary PCC templates", fontsize=9)
+    labels = [x for x in d.loc[d["metric"] == "cnr", "species"].unique() if x != "fake"]
+    light = _light(labels)
+    for name, lab in ((f"tm_pcc_binary_{light}", f"template {light}"),
+                      ("tm_pcc_binary_all", "template all"), ("abf_best", "best ABF (inv.)"),
+                      ("abf", "ABF 11-23.5 (inv.)"), ("icom", "iCoM")):
+        g = d[(d["name"] == name) & (d["metric"] == "cnr") & (d["species"] == light)]
+        g = g.sort_values("t")
+        if len(g):
+            axs[1].plot(g["t"], g["value"], "o-", label=lab)
+    axs[1].set_xlabel("thickness (nm)")
+    axs[1].set_ylabel(f"CNR of {light} columns")
+    axs[1].legend(fontsize=7)
+    axs[1].set_title(f"{structure}: {light} CNR ({dose_key})", fontsize=9)
+    cap = (f"{structure}, {dose_key}: left, specificity (1 - largest bright crosstalk) of the "
+           "binary PCC template image of each column type vs thickness (dashed: 0.8); right, "
+           f"CNR of the {light} columns in the {light} and all-atom template images, the best "
+           "ABF of the radius sweep, the standard ABF and iCoM.")
+    return fig, cap
+
+
+def sweep_dose(metrics: pd.DataFrame, structure: str, *, thickness_nm: float | None = None):
+    """CNR (lightest species) and specificity vs dose at one thickness (default: thickest)."""
+    d = metrics[metrics["structure"] == structure].copy()
+    d["t"] = d["thickness_nm"].astype(float)
+    if thickness_nm is None:
+        thickness_nm = float(d["t"].max())
+    d = d[np.isclose(d["t"], thickness_nm)]
+    d["dose"] = pd.to_numeric(d["dose_e_per_A2"], errors="coerce")
+    noisy = d[d["dose"].notna()]
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4))
+    labels = [x for x in d.loc[d["metric"] == "cnr", "species"].unique() if x != "fake"]
+    light = _light(labels) if labels else ""
+    for name, lab in ((f"tm_pcc_binary_{light}", f"template {light}"),
+                      ("tm_pcc_binary_all", "template all"), ("abf_best", "best ABF (inv.)"),
+                      ("icom", "iCoM")):
+        g = noisy[(noisy["name"] == name) & (noisy["metric"] == "cnr")
+                  & (noisy["species"] == light)].sort_values("dose")
+        if len(g):
+            line = axs[0].plot(g["dose"], g["value"], "o-", label=lab)
+            ref = d[(d["name"] == name) & (d["metric"] == "cnr") & (d["species"] == light)
+                    & d["dose"].isna()]
+            if len(ref):
+                axs[0].axhline(float(ref["value"].iloc[0]), color=line[0].get_color(), ls=":",
+                               lw=0.8)
+    axs[0].set_xscale("log")
+    axs[0].set_xlabel("dose (e-/Å²)")
+    axs[0].set_ylabel(f"CNR of {light}")
+    axs[0].legend(fontsize=7)
+    tm = noisy[(noisy["family"] == "template") & (noisy["normalisation"] == "pcc")
+               & (noisy["template_kind"] == "binary") & (noisy["metric"] == "specificity")]
+    for L, g in tm.groupby("species"):
+        g = g.sort_values("dose")
+        axs[1].plot(g["dose"], g["value"], "o-", label=f"tm {L}")
+    axs[1].set_xscale("log")
+    axs[1].axhline(0.8, color="0.6", ls="--", lw=0.8)
+    axs[1].set_xlabel("dose (e-/Å²)")
+    axs[1].set_ylabel("specificity (bright)")
+    axs[1].legend(fontsize=7)
+    fig.suptitle(f"{structure} at {thickness_nm:.1f} nm vs dose", fontsize=9)
+    cap = (f"{structure} at {thickness_nm:.1f} nm: left, CNR of the {light} columns vs dose "
+           "(dotted: noiseless value); right, specificity of the binary PCC template images "
+           "vs dose.")
+    return fig, cap
