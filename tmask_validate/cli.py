@@ -16,7 +16,9 @@ COMMAND_MODULES = [
     "tmask_validate.commands.noise",
     "tmask_validate.commands.analyse",
     "tmask_validate.commands.metrics",
+    "tmask_validate.commands.figures",
     "tmask_validate.commands.claims",
+    "tmask_validate.commands.report",
     "tmask_validate.commands.workflow",
 ]
 
