@@ -5,9 +5,9 @@ Tolerances used (measured values in comments; all runs are float32 inside abTEM)
   run: max |diff| <= 1e-5 x max(image) (measured ~1e-7: identical pixels, float32 sums);
 - core CoM vs abTEM CoM (both normalised by the pattern intensity): <= 1e-5 x max|CoM|
   (measured 2e-7 relative); iCoM (periodic integration, mean removed) likewise;
-- thickness series (exit planes) vs separate runs: infinite projection <= 1e-5 x max
-  (float32; measured 0), finite projection <= 2e-3 x max (potential tails of atoms below an
-  exit plane reach the last slice above it; measured ~3e-4);
+- thickness series (exit planes) vs separate runs: <= 1e-5 x max for infinite and finite
+  projection (measured 0 and <= 8.5e-7: the finite-projection tails of atoms below an exit
+  plane barely reach the slice above it);
 - combine(chunks) vs all-at-once: <= 1e-6 x max (float32 rounding of the chunk means).
 """
 
@@ -212,10 +212,11 @@ def test_intensity_conservation(cfg, setup, ds):
           f"{lost.mean(axis=(1, 2))}")
     assert np.all(total <= 1 + 1e-5)
     assert np.all(beyond >= -1e-5)
-    assert np.all(beyond.mean(axis=(1, 2)) < 0.05)
+    assert np.all(beyond.mean(axis=(1, 2)) < 0.01)  # measured 7e-6 and 1.8e-5
     # more scattering out of the detector for the thicker crystal
     assert beyond[1].mean() > beyond[0].mean()
-    assert np.all(lost >= -1e-5) and np.all(lost.mean(axis=(1, 2)) < 0.05)
+    # measured 0.11 % and 0.35 % lost beyond the cutoff at 1.9 and 4.2 nm
+    assert np.all(lost >= -1e-5) and np.all(lost.mean(axis=(1, 2)) < 0.02)
     # the stored (phonon-averaged) data show the same budget
     stored = ds.intensity.values.sum(axis=(-2, -1), dtype=np.float64)
     assert np.all(stored <= 1 + 1e-5)
@@ -234,7 +235,7 @@ def test_same_seed_identical_different_seed_differs(cfg, setup):
     assert diff > 1e-4
 
 
-@pytest.mark.parametrize("projection, tol", [("infinite", 1e-5), ("finite", 2e-3)])
+@pytest.mark.parametrize("projection, tol", [("infinite", 1e-5), ("finite", 1e-5)])
 def test_thickness_series_equals_separate_runs(cfg, setup, projection, tol):
     from tmask_validate import structures
 

@@ -497,7 +497,8 @@ def simulate_structure(
     loaded = _load_checkpoint(ckpt, fingerprint)
     if loaded is None:
         mean: dict[str, np.ndarray] = {}
-        state = {"fingerprint": fingerprint, "done": [], "wall_time_s": 0.0, "meta": {}}
+        state = {"fingerprint": fingerprint, "done": [], "wall_time_s": 0.0, "cpu_time_s": 0.0,
+                 "meta": {}}
     else:
         mean, state = loaded
 
@@ -505,7 +506,7 @@ def simulate_structure(
     bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{structure} phonons",
                disable=not progress, unit="config")
     for k in todo:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         atoms_k = displaced_atoms(setup["atoms"], sim["phonons"]["rms_displacement_A"],
                                   phonon_seed(int(config["seed"]), structure, k),
                                   sim["phonons"].get("directions", "xyz"))
@@ -525,6 +526,7 @@ def simulate_structure(
                 mean[key] += (value - mean[key]) / n_done
         state["done"].append(k)
         state["wall_time_s"] += time.perf_counter() - t0
+        state["cpu_time_s"] = state.get("cpu_time_s", 0.0) + time.process_time() - c0
         _save_checkpoint(ckpt, mean, state)
         bar.update(1)
     bar.close()
@@ -592,6 +594,7 @@ def _assemble_dataset(config, structure, setup, mean, state, indices, seeds) -> 
         "configurations": json.dumps(indices),
         "n_configurations": len(indices),
         "wall_time_s": float(state["wall_time_s"]),
+        "cpu_time_s": float(state.get("cpu_time_s", 0.0)),
         "exit_planes": json.dumps([int(i) for i in setup["planes"]]),
         "grid_gpts": json.dumps(state["meta"]["gpts"]),
         "dose_e_per_A2": None,
@@ -677,11 +680,11 @@ def store_sites(ds: xr.Dataset):
     """Site table (pandas DataFrame, columns label, y_A, x_A, composition, n_atoms, ...)."""
     import pandas as pd
 
-    cols = {}
-    for name in ds.data_vars:
-        if name.startswith("site_") and ds[name].dims == ("site",):
-            cols[name[len("site_"):]] = ds[name].values
-    return pd.DataFrame(cols)
+    first = ["label", "y_A", "x_A", "composition", "n_atoms"]
+    names = [n[len("site_"):] for n in ds.data_vars
+             if n.startswith("site_") and ds[n].dims == ("site",)]
+    order = [c for c in first if c in names] + sorted(c for c in names if c not in first)
+    return pd.DataFrame({c: ds[f"site_{c}"].values for c in order})
 
 
 def _simulation_identity(config: Mapping[str, Any], structure: str) -> dict[str, Any]:
@@ -745,6 +748,7 @@ def combine_stores(paths: Iterable[str | Path], out: str | Path) -> Path:
         configurations=json.dumps(sorted(seen)),
         n_configurations=int(sum(ds.attrs["n_configurations"] for ds in stores)),
         wall_time_s=float(sum(ds.attrs["wall_time_s"] for ds in stores)),
+        cpu_time_s=float(sum(ds.attrs.get("cpu_time_s", 0.0) for ds in stores)),
         complete=False,
     )
     coords = {k: (v.dims, v.values, dict(v.attrs)) for k, v in first.coords.items()}
