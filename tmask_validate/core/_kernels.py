@@ -9,7 +9,7 @@ Two kernels cover every pass of :mod:`tmask_validate.core`:
 ``apply_weights``
     ``out[j, i] = sum_c (x[j, c] - mu[c]) * w[i, c]`` for ``k`` weight vectors (masks).
 
-Each has a numba implementation (parallel over column blocks resp. row blocks, float64
+Each has a numba implementation (parallel over column blocks resp. row pairs, float64
 accumulators, read straight from uint8/16/32, float32/64 chunks) and a plain numpy one used
 when numba is unavailable or disabled (``TMASK_VALIDATE_NO_NUMBA=1`` or :func:`use_numba`).
 """
@@ -31,9 +31,6 @@ _STATE = {"numba": _HAVE_NUMBA and os.environ.get("TMASK_VALIDATE_NO_NUMBA", "")
 
 #: columns per work item of ``stats_tprod`` (ybuf + k accumulators stay in L1/L2)
 COL_BLOCK = 512
-#: rows per work item / columns per cache block of ``apply_weights``
-ROW_BLOCK = 16
-APPLY_COL_BLOCK = 1024
 
 
 def use_numba(flag: bool | None = None) -> bool:
@@ -62,8 +59,11 @@ if _HAVE_NUMBA:
     # kept (no nnan/ninf) so non-finite data still propagate into the accumulators.
     _FM = {"reassoc", "contract", "nsz", "arcp"}
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
     def _stats_tprod_numba(x, rows, t, shift, s1, s2, acc):  # pragma: no cover - compiled
+        # parallel over column blocks: each block's float64 accumulators (k x COL_BLOCK) stay
+        # in cache and belong to one thread; rows are taken 4 at a time so each accumulator
+        # load/store serves 4 multiply-adds.
         n = x.shape[1]
         k = t.shape[0]
         q = rows.shape[0]
@@ -71,54 +71,119 @@ if _HAVE_NUMBA:
         for b in prange(nb):
             c0 = b * COL_BLOCK
             c1 = min(n, c0 + COL_BLOCK)
-            w = c1 - c0
-            ybuf = np.empty(w, dtype=np.float64)
-            ls1 = np.zeros(w, dtype=np.float64)
-            ls2 = np.zeros(w, dtype=np.float64)
-            lacc = np.zeros((k, w), dtype=np.float64)
-            for jj in range(q):
-                j = rows[jj]
-                for c in range(w):
-                    y = np.float64(x[j, c0 + c]) - shift[c0 + c]
-                    ybuf[c] = y
-                    ls1[c] += y
-                    ls2[c] += y * y
-                for i in range(k):
-                    tv = t[i, jj]
-                    for c in range(w):
-                        lacc[i, c] += tv * ybuf[c]
-            for c in range(w):
+            wd = c1 - c0
+            y = np.empty((4, COL_BLOCK), dtype=np.float64)
+            ls1 = np.zeros(COL_BLOCK, dtype=np.float64)
+            ls2 = np.zeros(COL_BLOCK, dtype=np.float64)
+            lacc = np.zeros((k, COL_BLOCK), dtype=np.float64)
+            sh = shift[c0:c1]
+            jj = 0
+            while jj < q:
+                g = min(4, q - jj)
+                for u in range(g):
+                    xr = x[rows[jj + u], c0:c1]
+                    yu = y[u]
+                    for c in range(wd):
+                        v = np.float64(xr[c]) - sh[c]
+                        yu[c] = v
+                        ls1[c] += v
+                        ls2[c] += v * v
+                if g == 4:
+                    y0 = y[0]
+                    y1 = y[1]
+                    y2 = y[2]
+                    y3 = y[3]
+                    for i in range(k):
+                        t0 = t[i, jj]
+                        t1 = t[i, jj + 1]
+                        t2 = t[i, jj + 2]
+                        t3 = t[i, jj + 3]
+                        la = lacc[i]
+                        for c in range(wd):
+                            la[c] += t0 * y0[c] + t1 * y1[c] + t2 * y2[c] + t3 * y3[c]
+                else:
+                    for u in range(g):
+                        yu = y[u]
+                        for i in range(k):
+                            tv = t[i, jj + u]
+                            la = lacc[i]
+                            for c in range(wd):
+                                la[c] += tv * yu[c]
+                jj += g
+            for c in range(wd):
                 s1[c0 + c] += ls1[c]
                 s2[c0 + c] += ls2[c]
             for i in range(k):
-                for c in range(w):
+                for c in range(wd):
                     acc[i, c0 + c] += lacc[i, c]
 
     @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
     def _apply_weights_numba(x, mu, w, out):  # pragma: no cover - compiled
+        # parallel over pairs of rows; 2 rows x 4 masks = 8 float64 accumulators per sweep,
+        # so each weight load serves two rows and each data load four masks.
         r = x.shape[0]
         n = x.shape[1]
         k = w.shape[0]
-        nrb = (r + ROW_BLOCK - 1) // ROW_BLOCK
-        for rb in prange(nrb):
-            j0 = rb * ROW_BLOCK
-            j1 = min(r, j0 + ROW_BLOCK)
-            lacc = np.zeros((j1 - j0, k), dtype=np.float64)
-            ybuf = np.empty(APPLY_COL_BLOCK, dtype=np.float64)
-            for c0 in range(0, n, APPLY_COL_BLOCK):
-                c1 = min(n, c0 + APPLY_COL_BLOCK)
-                wd = c1 - c0
-                for j in range(j0, j1):
-                    for c in range(wd):
-                        ybuf[c] = np.float64(x[j, c0 + c]) - mu[c0 + c]
-                    for i in range(k):
-                        s = 0.0
-                        for c in range(wd):
-                            s += ybuf[c] * w[i, c0 + c]
-                        lacc[j - j0, i] += s
-            for j in range(j0, j1):
+        npair = (r + 1) // 2
+        for p in prange(npair):
+            j = 2 * p
+            if j + 1 < r:
+                xa = x[j]
+                xb = x[j + 1]
+                i = 0
+                while i + 4 <= k:
+                    w0 = w[i]
+                    w1 = w[i + 1]
+                    w2 = w[i + 2]
+                    w3 = w[i + 3]
+                    a0 = 0.0
+                    a1 = 0.0
+                    a2 = 0.0
+                    a3 = 0.0
+                    b0 = 0.0
+                    b1 = 0.0
+                    b2 = 0.0
+                    b3 = 0.0
+                    for c in range(n):
+                        mc = mu[c]
+                        ya = np.float64(xa[c]) - mc
+                        yb = np.float64(xb[c]) - mc
+                        a0 += ya * w0[c]
+                        a1 += ya * w1[c]
+                        a2 += ya * w2[c]
+                        a3 += ya * w3[c]
+                        b0 += yb * w0[c]
+                        b1 += yb * w1[c]
+                        b2 += yb * w2[c]
+                        b3 += yb * w3[c]
+                    out[j, i] = a0
+                    out[j, i + 1] = a1
+                    out[j, i + 2] = a2
+                    out[j, i + 3] = a3
+                    out[j + 1, i] = b0
+                    out[j + 1, i + 1] = b1
+                    out[j + 1, i + 2] = b2
+                    out[j + 1, i + 3] = b3
+                    i += 4
+                while i < k:
+                    w0 = w[i]
+                    a0 = 0.0
+                    b0 = 0.0
+                    for c in range(n):
+                        mc = mu[c]
+                        a0 += (np.float64(xa[c]) - mc) * w0[c]
+                        b0 += (np.float64(xb[c]) - mc) * w0[c]
+                    out[j, i] = a0
+                    out[j + 1, i] = b0
+                    i += 1
+            else:
+                xa = x[j]
                 for i in range(k):
-                    out[j, i] = lacc[j - j0, i]
+                    w0 = w[i]
+                    a0 = 0.0
+                    for c in range(n):
+                        a0 += (np.float64(xa[c]) - mu[c]) * w0[c]
+                    out[j, i] = a0
 
 
 def stats_tprod(x, rows, t, shift, s1, s2, acc) -> None:
