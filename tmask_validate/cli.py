@@ -15,6 +15,8 @@ COMMAND_MODULES = [
     "tmask_validate.commands.simulate",
     "tmask_validate.commands.noise",
     "tmask_validate.commands.analyse",
+    "tmask_validate.commands.inspect",
+    "tmask_validate.commands.find_sites",
     "tmask_validate.commands.metrics",
     "tmask_validate.commands.figures",
     "tmask_validate.commands.claims",
