@@ -298,3 +298,28 @@ def test_unknown_format_and_missing(tmp_path):
     (tmp_path / "x.tif").write_bytes(b"x")
     with pytest.raises(ValueError, match="unknown 4D-STEM file format"):
         load(tmp_path / "x.tif")
+
+
+# ------------------------------------------------------------------ config schema
+def test_experiments_schema_defaults_and_errors():
+    from tmask_validate.config import validate_config
+
+    cfg = validate_config({"name": "x", "seed": 0, "experiments": {
+        "lfp": {"file": "a.mib", "structure": "lifepo4", "scan_shape": [4, 2]},
+        "fpd": {"file": "b.hdf5", "structure": "pbtio3", "sites": "s.csv", "fit_from": "abf",
+                "calibration": {"step_nm": 0.04, "camera_length_mm": 110, "pixel_size_um": 55},
+                "region": {"y_A": [0, 10], "x_A": [5, 20]},
+                "dataset": "fpd_expt/fpd_data/data"}}})
+    lfp = cfg["experiments"]["lfp"]
+    assert lfp["sites"] == "fit" and lfp["fit_from"] == "adf" and lfp["region"] is None
+    assert lfp["calibration"] is None and lfp["dataset"] is None
+    cal = calibration_from_mapping(cfg["experiments"]["fpd"]["calibration"])
+    assert cal.step_A == (0.4, 0.4) and cal.mrad_per_px == (0.5, 0.5)
+    assert validate_config({"name": "x", "seed": 0})["experiments"] == {}
+    for bad in ({"file": "a.mib"},  # no structure
+                {"file": "a.mib", "structure": "s", "fit_from": "haadf"},
+                {"file": "a.mib", "structure": "s", "scan_shape": [0, 3]},
+                {"file": "a.mib", "structure": "s", "calibration": {"stepsize": 1}},
+                {"file": "a.mib", "structure": "s", "region": {"y_A": [0, 1]}}):
+        with pytest.raises(ValueError):
+            validate_config({"name": "x", "seed": 0, "experiments": {"e": bad}})

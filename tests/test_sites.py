@@ -276,3 +276,36 @@ def test_ti_o_displacement_pbtio3_like():
     np.testing.assert_allclose(res["dx_A"], 0.0, atol=1e-9)
     np.testing.assert_allclose(res["d_A"], 0.299, atol=1e-9)
     np.testing.assert_allclose(res["angle_deg"], -90.0)
+
+
+# ------------------------------------------------------------------ CLI end to end
+def test_find_sites_cli_on_written_mib(tmp_path):
+    pytest.importorskip("ase")
+    from tmask_validate.cli import main
+    from tmask_validate.io import write_mib
+    from tmask_validate.structures import build, projected_cell_A, projected_columns
+
+    table = projected_columns("lifepo4")
+    cell = projected_cell_A(build("lifepo4"))
+    step, shape, n = 0.3, (40, 52), 32
+    truth = _tile(table, cell, (0.8, 1.6), shape, step)
+    img = _render(truth, shape, step, amp={"Fe": 1.0, "P+O": 0.45, "O": 0.12, "Li": 0.06})
+    ky, kx = np.mgrid[:n, :n]
+    r = np.hypot(ky - 15.5, kx - 15.5)
+    disc = (r < 5).astype(float) * 200
+    ring = ((r > 9) & (r < 15)).astype(float)
+    data = np.rint(disc[None, None] + 40 * img[..., None, None] * ring).astype(np.uint16)
+    p = write_mib(tmp_path / "scan.mib", data, bit_depth=12)
+    (tmp_path / "scan.mib.calibration.yaml").write_text(
+        "step_A: 0.3\nmrad_per_px: 4.0\ncenter_px: [15.5, 15.5]\nenergy_keV: 300\n")
+    out = tmp_path / "sites.csv"
+    rc = main(["find-sites", str(p), "--structure", "lifepo4", "--image", "adf",
+               "--inner-mrad", "36", "--outer-mrad", "60", "--out", str(out)])
+    assert rc == 0
+    sites = read_sites_csv(out)
+    assert set(sites.label) == set(table.label)
+    inner = truth[(truth.y_A > 1) & (truth.y_A < (shape[0] - 1) * step - 1)
+                  & (truth.x_A > 1) & (truth.x_A < (shape[1] - 1) * step - 1)]
+    _match(sites, inner, tol=0.15)
+    rc = main(["inspect", str(p)])
+    assert rc == 0
