@@ -866,6 +866,11 @@ def dataset_metrics(
                     rows.append({**base, "metric": m, "species": rec["label"],
                                  "value": float(rec[m])})
         tmpl = ads["templates"].values[i]
+        if c["family"] in ("half", "half_control"):
+            # held-out evaluation: compare with the unrestricted template of the same sites
+            ref = ("tm_" + name[5:]) if c["family"] == "half" else name[5:]
+            if ref in names:
+                tmpl = ads["templates"].values[names.index(ref)]
         if c["family"] in _TEMPLATE_FAMILIES and np.ptp(tmpl) > 0:
             sel = np.ones(scan_shape, bool) if region is None else region
             rows.append({**base, "metric": "template_pcc", "species": target or "all",
