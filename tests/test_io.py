@@ -323,3 +323,33 @@ def test_experiments_schema_defaults_and_errors():
                 {"file": "a.mib", "structure": "s", "region": {"y_A": [0, 1]}}):
         with pytest.raises(ValueError):
             validate_config({"name": "x", "seed": 0, "experiments": {"e": bad}})
+
+
+def test_abtem_zarr_and_xarray(tmp_path):
+    pytest.importorskip("abtem")
+    from abtem.core.axes import ScanAxis
+    from abtem.measurements import DiffractionPatterns
+
+    from tmask_validate.io import electron_wavelength_A
+
+    arr = np.random.default_rng(0).random((3, 4, 6, 8)).astype(np.float32)  # (x, y, kx, ky)
+    dp = DiffractionPatterns(arr, sampling=(0.1, 0.12), metadata={"energy": 200e3},
+                             ensemble_axes_metadata=[
+                                 ScanAxis(label="x", sampling=0.5, units="Å", offset=0.0),
+                                 ScanAxis(label="y", sampling=0.4, units="Å", offset=0.0)])
+    dp.to_zarr(str(tmp_path / "ab.zarr"))
+    lam = electron_wavelength_A(200e3)
+    assert lam == pytest.approx(0.025079, rel=1e-4)
+    for a in (load(tmp_path / "ab.zarr"), None):
+        if a is None:
+            dp.to_data_array().to_dataset(name="diffraction").to_zarr(tmp_path / "xa.zarr")
+            a = load(tmp_path / "xa.zarr")
+        assert a.shape == (4, 3, 8, 6)
+        np.testing.assert_array_equal(a.values, arr.transpose(1, 0, 3, 2))
+        cal = Calibration.from_dict(json.loads(a.attrs["calibration"]))
+        assert cal.step_A == pytest.approx((0.4, 0.5))
+        assert cal.mrad_per_px == pytest.approx((0.12 * lam * 1e3, 0.1 * lam * 1e3))
+        assert cal.energy_keV == pytest.approx(200.0)
+        # zero angle at the centre of the (unshifted, centred) abTEM grid
+        assert a.kx.values[3] == pytest.approx(0.0, abs=1e-9)
+        assert a.ky.values[4] == pytest.approx(0.0, abs=1e-9)

@@ -683,18 +683,14 @@ def _open_zarr(
 
     root = zarr.open_group(str(path), mode="r")
     attrs = dict(root.attrs)
-    if "array0" in list(root.array_keys()) and ("metadata0" in attrs or "kwargs0" in attrs):
-        arr = da.from_zarr(root["array0"])
-        while arr.ndim > 4 and arr.shape[0] == 1:
-            arr = arr[0]
-        if arr.ndim > 4:
-            raise ValueError(f"{path}: abTEM store with ensemble shape {arr.shape[:-4]}; "
-                             f"only one 4D scan can be loaded (save one thickness)")
-        return arr, {"format": "abtem-zarr"}
+    if "array0" in list(root.array_keys()) and "metadata0" in attrs:
+        return _open_abtem_zarr(path, root, attrs["metadata0"], select=select,
+                                thickness_nm=thickness_nm)
     ds = xr.open_zarr(str(path), consolidated=None)
     var = dataset or ("intensity" if "intensity" in ds else None)
     if var is None:
-        four = [k for k, v in ds.data_vars.items() if set(DIMS) <= set(v.dims)]
+        four = [k for k, v in ds.data_vars.items()
+                if set(DIMS) <= set(v.dims) or {"x", "y", "kx", "ky"} <= set(v.dims)]
         if len(four) != 1:
             raise ValueError(f"{path}: cannot tell which variable holds the 4D data "
                              f"(candidates {four}); pass dataset=")
@@ -702,6 +698,9 @@ def _open_zarr(
     if var not in ds:
         raise ValueError(f"{path}: no variable {var!r}; variables: {list(ds.data_vars)}")
     v = ds[var]
+    if {"x", "y", "kx", "ky"} <= set(v.dims) and not {"scan_y", "scan_x"} & set(v.dims):
+        # abTEM's to_data_array() naming (x first); coordinates Å and 1/Å or mrad
+        return _abtem_xarray(path, v, select=select, thickness_nm=thickness_nm)
     sel = dict(select or {})
     if thickness_nm is not None:
         sel["thickness"] = thickness_nm
@@ -738,6 +737,117 @@ def _open_zarr(
         info[f"selected_{dim}"] = float(value)
     data = v.data if isinstance(v.data, da.Array) else da.from_array(v.data)
     return data, info
+
+
+def electron_wavelength_A(energy_eV: float) -> float:
+    """Relativistic electron wavelength (Å) at a beam energy in eV."""
+    e = float(energy_eV)
+    return 12.264259 / np.sqrt(e * (1.0 + 0.97846e-6 * e))
+
+
+def _k_to_mrad(sampling: float, offset: float, units: str, energy_eV: float | None):
+    """(mrad_per_px, center_px) of a reciprocal axis given in 1/Å (needs energy) or mrad."""
+    if units == "mrad":
+        return float(sampling), float(-offset / sampling)
+    if energy_eV is None:
+        raise ValueError("abTEM store without energy: cannot convert 1/Å to mrad; pass "
+                         "calibration=")
+    lam = electron_wavelength_A(energy_eV)
+    return float(sampling) * lam * 1e3, float(-offset / sampling)
+
+
+def _pick_axis(values, wanted, label: str, path: Path) -> int:
+    vals = np.asarray(values, dtype=float)
+    idx = int(np.argmin(np.abs(vals - float(wanted))))
+    if not np.isclose(vals[idx], float(wanted), rtol=1e-6, atol=1e-9):
+        raise ValueError(f"{path}: {label}={wanted!r} not stored; available {vals.tolist()}")
+    return idx
+
+
+def _open_abtem_zarr(path: Path, root, meta: dict, *, select, thickness_nm):
+    """abTEM ``to_zarr`` store: ``array0`` + ``metadata0`` (axes: ensemble..., x, y, kx, ky)."""
+    arr = da.from_zarr(root["array0"])
+    axes = [meta["axes"][f"axis_{i}"] for i in range(arr.ndim)] if "axes" in meta else None
+    if axes is None or arr.ndim < 4:
+        raise ValueError(f"{path}: abTEM store without axis metadata or with < 4 dimensions")
+    labels = [str(a.get("label", "")) for a in axes]
+    scan = [i for i, a in enumerate(axes) if a.get("type") == "ScanAxis"]
+    recip = [i for i, a in enumerate(axes) if "Reciprocal" in str(a.get("type", ""))]
+    if len(scan) != 2 or len(recip) != 2:
+        raise ValueError(f"{path}: expected two scan and two reciprocal axes, got {labels}")
+    sel = dict(select or {})
+    if thickness_nm is not None:
+        sel["thickness"] = thickness_nm
+    index: list[Any] = [slice(None)] * arr.ndim
+    chosen = {}
+    for i, a in enumerate(axes):
+        if i in scan or i in recip:
+            continue
+        lab = labels[i]
+        key = lab if lab in sel else None
+        if key is None and "thickness" in sel and ("thick" in lab.lower() or lab == "z"):
+            key = "thickness"
+        if key is not None and "values" in a:
+            vals = np.asarray(a["values"], dtype=float)
+            if key == "thickness" and str(a.get("units", "Å")) in ("Å", "A"):
+                vals = vals / 10.0  # abTEM thickness axes are in Å
+            index[i] = _pick_axis(vals, sel[key], labels[i], path)
+            chosen[labels[i]] = float(sel[key])
+        elif arr.shape[i] == 1:
+            index[i] = 0
+        else:
+            raise ValueError(f"{path}: ensemble axis {labels[i]!r} has {arr.shape[i]} entries; "
+                             f"choose one with select={{{labels[i]!r}: value}} or thickness_nm=")
+    arr = arr[tuple(index)]
+    remaining = [i for i in range(len(axes)) if not isinstance(index[i], int)]
+    order = [remaining.index(i) for i in (scan[1], scan[0], recip[1], recip[0])]  # y, x, ky, kx
+    arr = arr.transpose(order)
+    energy = meta.get("energy")
+    ay, ax = axes[scan[1]], axes[scan[0]]
+    ky_, kx_ = axes[recip[1]], axes[recip[0]]
+    my, cy = _k_to_mrad(ky_["sampling"], ky_.get("offset", 0.0), ky_.get("units", "1/Å"), energy)
+    mx, cx = _k_to_mrad(kx_["sampling"], kx_.get("offset", 0.0), kx_.get("units", "1/Å"), energy)
+    cal = Calibration(step_A=(ay["sampling"], ax["sampling"]), mrad_per_px=(my, mx),
+                      center_px=(cy, cx), energy_keV=(energy or 200e3) / 1e3,
+                      extra={"source": "abTEM zarr metadata"})
+    info: dict[str, Any] = {"format": "abtem-zarr", "calibration": cal,
+                            "detector_orientation": "abTEM (x, y, kx, ky) transposed: ky = "
+                            "abTEM ky axis, kx = abTEM kx axis; scan_y = abTEM y"}
+    for k, v in chosen.items():
+        info[f"selected_{k}"] = v
+    return arr, info
+
+
+def _abtem_xarray(path: Path, v: xr.DataArray, *, select, thickness_nm):
+    """xarray written from abTEM's ``to_data_array()`` (dims ..., x, y, kx, ky)."""
+    sel = dict(select or {})
+    if thickness_nm is not None:
+        sel["thickness"] = thickness_nm
+    for dim in [d for d in v.dims if d not in ("x", "y", "kx", "ky")]:
+        if dim in sel:
+            v = v.isel({dim: _pick_axis(v[dim].values, sel[dim], dim, path)})
+        elif v.sizes[dim] == 1:
+            v = v.isel({dim: 0})
+        else:
+            raise ValueError(f"{path}: dimension {dim!r} has {v.sizes[dim]} entries; choose one "
+                             f"with select={{{dim!r}: value}}")
+    v = v.transpose("y", "x", "ky", "kx")
+    energy = v.attrs.get("energy")
+    steps, mrad, centre = [], [], []
+    for dim in ("y", "x"):
+        c = np.asarray(v[dim].values, dtype=float)
+        steps.append(float(c[1] - c[0]) if len(c) > 1 else 1.0)
+    for dim in ("ky", "kx"):
+        c = np.asarray(v[dim].values, dtype=float)
+        units = str(v[dim].attrs.get("units", "1/Å"))
+        step = float(c[1] - c[0])
+        m, ctr = _k_to_mrad(step, float(c[0]), units, energy)
+        mrad.append(m)
+        centre.append(ctr)
+    cal = Calibration(step_A=steps, mrad_per_px=mrad, center_px=centre,
+                      energy_keV=(energy or 200e3) / 1e3, extra={"source": "abTEM xarray"})
+    data = v.data if isinstance(v.data, da.Array) else da.from_array(v.data)
+    return data, {"format": "abtem-xarray-zarr", "calibration": cal}
 
 
 # ----------------------------------------------------------------------------------------------
