@@ -4,8 +4,8 @@ Runs ``snakemake`` in a subprocess (the package never imports Snakemake) with th
 ``Snakefile``, the given config, ``--cores`` and the rerun triggers of the config's
 ``workflow.rerun_triggers`` (default ``mtime params input``: a job re-runs when an input is newer,
 when the config values it depends on changed, or when its set of inputs changed). Extra
-arguments after the options are passed to snakemake unchanged (e.g. ``-n``, ``--forceall``,
-``--executor slurm``). At the end it prints where the report is.
+arguments after ``--`` are passed to snakemake unchanged (e.g. ``-- --forceall`` or
+``-- --executor slurm``); ``-n`` is a dry run. At the end it prints where the report is.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--snakefile", default=None, help="Snakefile (default: the repository's)")
     p.add_argument("--directory", default=None,
                    help="working directory (results/ lands under it; default: current)")
+    p.add_argument("-n", "--dry-run", action="store_true", help="only show what would run")
     p.add_argument("snakemake_args", nargs=argparse.REMAINDER,
-                   help="further arguments passed to snakemake")
+                   help="further arguments passed to snakemake (after --, e.g. -- --forceall)")
     p.set_defaults(func=run)
 
 
@@ -59,6 +60,8 @@ def snakemake_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--profile", args.profile]
     if args.directory:
         cmd += ["--directory", args.directory]
+    if getattr(args, "dry_run", False):
+        cmd.append("--dry-run")
     extra = [a for a in (args.snakemake_args or []) if a != "--"]
     return cmd + extra
 
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     base = Path(args.directory) if args.directory else Path.cwd()
     report = (base / cfg["workflow"]["results_dir"] / "report" / "report.html").resolve()
-    if rc == 0 and report.is_file():
+    if rc == 0 and report.is_file() and not args.dry_run:
         print(f"\nReport: {report}")
         print(f"Claims: {report.parent.parent / 'claims.csv'}")
     elif rc != 0:
