@@ -841,7 +841,10 @@ def _abtem_xarray(path: Path, v: xr.DataArray, *, select, thickness_nm):
         c = np.asarray(v[dim].values, dtype=float)
         units = str(v[dim].attrs.get("units", "1/Å"))
         step = float(c[1] - c[0])
-        m, ctr = _k_to_mrad(step, float(c[0]), units, energy)
+        # to_data_array() drops the axis offset (coordinates start at 0): then assume abTEM's
+        # fftshifted layout, zero angle at index n // 2
+        offset = float(c[0]) if c[0] < 0 else -(len(c) // 2) * step
+        m, ctr = _k_to_mrad(step, offset, units, energy)
         mrad.append(m)
         centre.append(ctr)
     cal = Calibration(step_A=steps, mrad_per_px=mrad, center_px=centre,
