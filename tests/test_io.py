@@ -251,8 +251,11 @@ def test_zarr_simulation_store(tmp_path):
                                   inten[0])
     with pytest.raises(ValueError, match="thickness_nm="):
         load(tmp_path / "s.zarr")
+    b = load(tmp_path / "s.zarr", thickness_nm=3.2)  # nearest stored thickness
+    np.testing.assert_array_equal(b.values, inten[1])
+    assert b.attrs["selected_thickness"] == 4.0
     with pytest.raises(ValueError, match="not in the store"):
-        load(tmp_path / "s.zarr", thickness_nm=3.0)
+        load(tmp_path / "s.zarr", thickness_nm=6.5)
 
 
 # ------------------------------------------------------------------ calibration

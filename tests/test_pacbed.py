@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -33,7 +35,7 @@ def _library(ts, shape=(97, 101), mrad=0.8, center=(48.0, 50.0)):
 def test_pacbed_mean_and_variance_match_naive():
     rng = np.random.default_rng(0)
     data = rng.poisson(5.0, (9, 4, 6, 7)).astype(np.uint16)
-    mean, var = pacbed(data, n_blocks=3)
+    mean, var = pacbed(data, n_blocks=3, variance="blocks")
     np.testing.assert_allclose(mean, data.mean(axis=(0, 1)))
     blocks = data.reshape(3, 3 * 4, 6, 7).mean(axis=1)
     np.testing.assert_allclose(var, blocks.var(axis=0, ddof=1) / 3, rtol=1e-10)
@@ -43,7 +45,8 @@ def test_pacbed_mean_and_variance_match_naive():
     np.testing.assert_allclose(m2, data[region].mean(axis=0))
     import dask.array as da
 
-    m3, _ = pacbed(da.from_array(data, chunks=(2, 4, 6, 7)), n_blocks=3)
+    m3, v3 = pacbed(da.from_array(data, chunks=(2, 4, 6, 7)), n_blocks=3)
+    np.testing.assert_allclose(v3, mean / 36)  # poisson for integer counts
     np.testing.assert_allclose(m3, mean)
 
 
@@ -122,3 +125,36 @@ def test_beyond_library_is_flagged_and_errors():
         match_thickness(p, lib.values, pattern_mrad_per_px=0.8, pattern_center_px=(48, 50))
     with pytest.raises(ValueError, match="share"):
         match_thickness(p, lib, pattern_mrad_per_px=0.8, pattern_center_px=(5000, 5000))
+
+
+@pytest.mark.slow
+def test_abtem_thickness_series_held_out(tmp_path):
+    """Smoke-scale PbTiO3 [100] series (abTEM): hold out 4 nm, add dose noise, bin the detector."""
+    pytest.importorskip("abtem")
+    import copy
+
+    from tmask_validate.config import load_config
+    from tmask_validate.io import load
+    from tmask_validate.pacbed import library_from_store
+    from tmask_validate.preprocess import bin_detector
+    from tmask_validate.simulate import simulate_structure
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = copy.deepcopy(load_config(root / "config" / "smoke.yaml"))
+    cfg["simulation"]["phonons"]["configurations"] = 1
+    entry = cfg["structures"]["PbTiO3_100"]
+    entry["thicknesses_nm"] = [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    store = simulate_structure(cfg, "PbTiO3_100", tmp_path / "pto.zarr", progress=False)
+    lib = library_from_store(store)
+    held = float(lib["thickness"].values[2])  # ~3.9 nm (whole periods)
+    library = lib.sel(thickness=[t for t in lib["thickness"].values if abs(t - held) > 0.01])
+    arr = bin_detector(load(store, thickness_nm=held), 2)
+    assert arr.attrs["selected_thickness"] == held
+    rng = np.random.default_rng(7)
+    cal = json.loads(arr.attrs["calibration"])
+    counts = rng.poisson(np.asarray(arr.values, np.float64) * 2e4)  # ~2e4 e- per probe
+    mean, var = pacbed(counts)
+    res = match_thickness(mean, library, pattern_mrad_per_px=cal["mrad_per_px"],
+                          pattern_center_px=cal["center_px"], pattern_var=var)
+    assert abs(res.thickness_nm - held) < 0.75
+    assert res.interval_nm[0] - 0.5 <= held <= res.interval_nm[1] + 0.5

@@ -108,7 +108,9 @@ def load(
         HDF5 dataset path (or zarr variable name) holding the 4D data.
     thickness_nm, select : optional
         For stores with extra dimensions (our simulation store has ``thickness``): pick one
-        thickness (must match a stored value to 1e-6 relative) or ``select={dim: value}``.
+        thickness or ``select={dim: value}``: the nearest stored value (within half the
+        spacing of the stored values; simulated thicknesses snap to whole periods), recorded
+        in ``attrs["selected_<dim>"]``.
     dtype, frame_shape, header_bytes, frame_header_bytes, frame_footer_bytes : optional
         Raw binary layout (``.raw``/``.bin``/``.dat``): element dtype (e.g. ``">u2"``), frame
         shape ``(ky, kx)``, bytes before the first frame, and bytes before/after every frame.
@@ -686,7 +688,7 @@ def _open_zarr(
     if "array0" in list(root.array_keys()) and "metadata0" in attrs:
         return _open_abtem_zarr(path, root, attrs["metadata0"], select=select,
                                 thickness_nm=thickness_nm)
-    ds = xr.open_zarr(str(path), consolidated=None)
+    ds = xr.open_zarr(str(path), consolidated=False)
     var = dataset or ("intensity" if "intensity" in ds else None)
     if var is None:
         four = [k for k, v in ds.data_vars.items()
@@ -708,10 +710,19 @@ def _open_zarr(
         if dim not in v.dims:
             raise ValueError(f"{path}: {var} has no dimension {dim!r} (dims {v.dims})")
         vals = np.asarray(v[dim].values)
-        idx = int(np.argmin(np.abs(vals - value))) if vals.dtype.kind in "fiu" else None
-        if idx is None or not np.isclose(vals[idx], value, rtol=1e-6, atol=1e-9):
-            raise ValueError(f"{path}: {dim}={value!r} not in the store; available: "
-                             f"{vals.tolist()}")
+        if vals.dtype.kind in "fiu":  # nearest stored value (thicknesses snap to whole periods)
+            idx = int(np.argmin(np.abs(vals - value)))
+            tol = 0.5 * float(np.min(np.diff(np.sort(vals)))) if len(vals) > 1 else np.inf
+            if abs(vals[idx] - value) > max(tol, 1e-9 * abs(value)):
+                raise ValueError(f"{path}: {dim}={value!r} not in the store; available: "
+                                 f"{vals.tolist()}")
+        else:
+            matches = np.flatnonzero(vals == value)
+            if matches.size == 0:
+                raise ValueError(f"{path}: {dim}={value!r} not in the store; available: "
+                                 f"{vals.tolist()}")
+            idx = int(matches[0])
+        sel[dim] = vals[idx].item()
         v = v.isel({dim: idx})
     extra_dims = [d for d in v.dims if d not in DIMS]
     for d in extra_dims:
@@ -734,7 +745,7 @@ def _open_zarr(
         if key in attrs:
             info[key] = attrs[key]
     for dim, value in sel.items():
-        info[f"selected_{dim}"] = float(value)
+        info[f"selected_{dim}"] = value
     data = v.data if isinstance(v.data, da.Array) else da.from_array(v.data)
     return data, info
 

@@ -7,9 +7,10 @@ Method
    blocks (shot noise *and* sample variation across the field of view).
 2. The library — a thickness series ``(thickness, ky, kx)`` with its own mrad calibration (e.g.
    :func:`library_from_store` on a simulation store: the scan-averaged ``intensity``) — is
-   resampled onto the data's angular grid by :func:`resample_library` (bilinear interpolation at
-   the data pixels' scattering angles, both patterns centred on their zero-angle pixel; a gaussian
-   anti-alias blur first when the library is sampled much more finely than the data).
+   resampled onto the data's angular grid by :func:`resample_library` (both patterns centred on
+   their zero-angle pixel; each data pixel gets the library averaged over its footprint —
+   bilinear interpolation at ``ceil(ratio)²`` sub-positions — so a coarser data grid integrates
+   the library the way binning integrates counts).
 3. Both are normalised to unit sum inside the compared disc (``max_angle_mrad``, default: the
    largest angle both cover) and compared with the misfit
    ``m(t) = Σ (p − l_t)² / Σ p²`` (``metric="sqdiff"``) or ``1 − Pearson(p, l_t)``
@@ -47,7 +48,8 @@ def _rows(data) -> int:
 
 
 def pacbed(
-    data, *, region: np.ndarray | None = None, n_blocks: int = 8, rows_per_chunk: int = 8
+    data, *, region: np.ndarray | None = None, variance: str = "auto", n_blocks: int = 8,
+    rows_per_chunk: int = 8,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Position-averaged CBED and the variance of that average.
 
@@ -57,8 +59,14 @@ def pacbed(
         numpy, memmap, dask, zarr or xarray; read in row chunks, accumulated in float64.
     region : bool ndarray (sy, sx), optional
         Average only these probe positions.
+    variance : {"auto", "poisson", "blocks"}
+        How the variance of the mean is estimated: ``"poisson"`` = counting statistics,
+        ``mean / n_patterns`` (data in detector counts); ``"blocks"`` = spread of the means of
+        ``n_blocks`` row blocks (includes sample variation; only meaningful when every block
+        spans many unit cells — for a one-cell scan it measures the atomic contrast, not noise);
+        ``"auto"`` = poisson for integer data, blocks otherwise.
     n_blocks : int
-        Row blocks used to estimate the variance of the mean (>= 2 when there are >= 2 rows).
+        Row blocks for ``variance="blocks"``.
     rows_per_chunk : int
 
     Returns
@@ -95,6 +103,12 @@ def pacbed(
                 counts[b] += (r1 - r0) * sx
     total = counts.sum()
     mean = sums.sum(axis=0) / total
+    if variance not in ("auto", "poisson", "blocks"):
+        raise ValueError(f"variance must be 'auto', 'poisson' or 'blocks', got {variance!r}")
+    if variance == "auto":
+        variance = "poisson" if np.issubdtype(np.dtype(data.dtype), np.integer) else "blocks"
+    if variance == "poisson":
+        return mean, np.clip(mean, 0, None) / total
     used = counts > 0
     if used.sum() >= 2:
         bm = sums[used] / counts[used][:, None, None]
@@ -112,7 +126,7 @@ def library_from_store(path, *, variable: str = "intensity") -> xr.DataArray:
     The store (see contracts: dims ``thickness, scan_y, scan_x, ky, kx``, ky/kx in mrad) is read
     with xarray; for a one-cell periodic scan this average is the PACBED.
     """
-    ds = xr.open_zarr(str(path), consolidated=None)
+    ds = xr.open_zarr(str(path), consolidated=False)
     if variable not in ds:
         raise ValueError(f"{path}: no variable {variable!r}")
     lib = ds[variable].mean(("scan_y", "scan_x")).astype(np.float64).compute()
@@ -157,15 +171,23 @@ def resample_library(
     om = np.asarray(out_mrad_per_px, float) * np.ones(2)
     oc = np.asarray(out_center_px, float)
     ratio = om / lm  # library pixels per output pixel
+    # area-weighted sampling: average over s x s sub-positions spread over each output pixel's
+    # footprint (s = ceil(ratio)), so downsampling integrates like detector pixels / binning do;
+    # for ratio <= 1 this is plain bilinear interpolation at the pixel centre
+    sub = [max(1, int(np.ceil(r - 1e-9))) for r in ratio]
+    offs_y = ((np.arange(sub[0]) + 0.5) / sub[0] - 0.5) * ratio[0]
+    offs_x = ((np.arange(sub[1]) + 0.5) / sub[1] - 0.5) * ratio[1]
     iy = (np.arange(out_shape[0]) - oc[0]) * ratio[0] + lc[0]
     ix = (np.arange(out_shape[1]) - oc[1]) * ratio[1] + lc[1]
     yy, xx = np.meshgrid(iy, ix, indexing="ij")
     covered = (yy >= 0) & (yy <= lib.shape[1] - 1) & (xx >= 0) & (xx <= lib.shape[2] - 1)
-    sigma = np.where(ratio > 1.5, 0.42 * ratio, 0.0)
-    out = np.empty((lib.shape[0],) + tuple(out_shape))
+    out = np.zeros((lib.shape[0],) + tuple(out_shape))
     for t in range(lib.shape[0]):
-        src = ndimage.gaussian_filter(lib[t], sigma, mode="nearest") if sigma.any() else lib[t]
-        out[t] = ndimage.map_coordinates(src, [yy, xx], order=1, mode="constant", cval=0.0)
+        for dy in offs_y:
+            for dx in offs_x:
+                out[t] += ndimage.map_coordinates(lib[t], [yy + dy, xx + dx], order=1,
+                                                  mode="constant", cval=0.0)
+    out /= len(offs_y) * len(offs_x)
     return out, covered
 
 
