@@ -80,19 +80,27 @@ if _HAVE_NUMBA:
             jj = 0
             while jj < q:
                 g = min(4, q - jj)
-                for u in range(g):
-                    xr = x[rows[jj + u], c0:c1]
-                    yu = y[u]
-                    for c in range(wd):
-                        v = np.float64(xr[c]) - sh[c]
-                        yu[c] = v
-                        ls1[c] += v
-                        ls2[c] += v * v
                 if g == 4:
+                    xa = x[rows[jj], c0:c1]
+                    xb = x[rows[jj + 1], c0:c1]
+                    xc = x[rows[jj + 2], c0:c1]
+                    xd = x[rows[jj + 3], c0:c1]
                     y0 = y[0]
                     y1 = y[1]
                     y2 = y[2]
                     y3 = y[3]
+                    for c in range(wd):
+                        sc = sh[c]
+                        va = np.float64(xa[c]) - sc
+                        vb = np.float64(xb[c]) - sc
+                        vc = np.float64(xc[c]) - sc
+                        vd = np.float64(xd[c]) - sc
+                        y0[c] = va
+                        y1[c] = vb
+                        y2[c] = vc
+                        y3[c] = vd
+                        ls1[c] += (va + vb) + (vc + vd)
+                        ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
                     for i in range(k):
                         t0 = t[i, jj]
                         t1 = t[i, jj + 1]
@@ -100,10 +108,16 @@ if _HAVE_NUMBA:
                         t3 = t[i, jj + 3]
                         la = lacc[i]
                         for c in range(wd):
-                            la[c] += t0 * y0[c] + t1 * y1[c] + t2 * y2[c] + t3 * y3[c]
+                            la[c] += (t0 * y0[c] + t1 * y1[c]) + (t2 * y2[c] + t3 * y3[c])
                 else:
                     for u in range(g):
+                        xr = x[rows[jj + u], c0:c1]
                         yu = y[u]
+                        for c in range(wd):
+                            v = np.float64(xr[c]) - sh[c]
+                            yu[c] = v
+                            ls1[c] += v
+                            ls2[c] += v * v
                         for i in range(k):
                             tv = t[i, jj + u]
                             la = lacc[i]

@@ -1,0 +1,181 @@
+"""Benchmark of the streaming core against a reference streaming read, measured side by side.
+
+Usage::
+
+    python benchmarks/bench_core.py            # 1 GiB float32 + the same shape in uint16
+    python benchmarks/bench_core.py --small    # 64 MiB, quick
+    python benchmarks/bench_core.py --size-gib 0.5 --reps 5 --out benchmarks/results-core.txt
+
+The reference is one streaming read of the float32 array by BLAS, ``D @ v`` (m x n times n),
+timed in the same run (min of the repeats).  Every ratio is to that reference (for the template
+mask -- two passes -- to two reference reads).  The uint16 dataset has the same shape (half the
+bytes); its ratios are also to the float32 reference read, as a uint16 array has no BLAS read.
+Peak extra memory is measured with tracemalloc on a memmapped copy of the float32 dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+from tmask_validate import core
+
+
+def _best(fn, reps: int) -> float:
+    best = np.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _make(shape, dtype, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.empty(shape, dtype=dtype)
+    for y in range(shape[0]):
+        if np.dtype(dtype).kind == "f":
+            out[y] = rng.random(shape[1:], dtype=np.float32)
+        else:
+            out[y] = rng.integers(0, 4000, size=shape[1:], dtype=dtype)
+    return out
+
+
+def _libertem_runner(data: np.ndarray):
+    """Return a callable running LiberTEM's ApplyMasksUDF (inline executor), or None."""
+    try:
+        import libertem.api as lt
+        from libertem.executor.inline import InlineJobExecutor
+        from libertem.udf.masks import ApplyMasksUDF
+    except Exception:  # pragma: no cover - optional
+        return None
+    ctx = lt.Context(executor=InlineJobExecutor())
+    ds = ctx.load("memory", data=data, num_partitions=max(1, data.nbytes // (256 * 2**20)))
+    masks = np.random.default_rng(1).random((16, *data.shape[2:])).astype(np.float32)
+    udf = ApplyMasksUDF(mask_factories=[(lambda i=i: masks[i]) for i in range(16)])
+
+    def run():
+        ctx.run_udf(dataset=ds, udf=udf)
+
+    return run
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size-gib", type=float, default=1.0, help="float32 dataset size (GiB)")
+    p.add_argument("--small", action="store_true", help="64 MiB datasets, quick run")
+    p.add_argument("--det", type=int, default=128, help="detector side (pixels)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-memmap", action="store_true", help="skip the memmap/tracemalloc test")
+    p.add_argument("--no-libertem", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="also write the table here")
+    a = p.parse_args(argv)
+    size = 1 / 16 if a.small else a.size_gib
+    n = a.det * a.det
+    m = max(4, int(size * 2**30) // (4 * n))
+    sy = int(np.sqrt(m))
+    sx = m // sy
+    shape = (sy, sx, a.det, a.det)
+    lines: list[str] = []
+
+    def emit(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    emit(f"# bench_core  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  host cpus={os.cpu_count()}"
+         f"  load(1,5,15)={os.getloadavg()}")
+    import numba
+
+    emit(f"# numpy {np.__version__}, numba {numba.__version__} ({numba.get_num_threads()} "
+         f"threads, layer {numba.config.THREADING_LAYER}), shape {shape}")
+    f32 = _make(shape, np.float32)
+    u16 = _make(shape, np.uint16, seed=1)
+    rng = np.random.default_rng(2)
+    D32 = f32.reshape(sy * sx, n)
+    v = np.ones(n, np.float32)
+    # warm-up / compile
+    for d in (f32, u16):
+        small = d[:1, :4]
+        core.template_mask_image(small, rng.random((16, 1, 4)))
+        core.virtual_images(small, rng.random((16, a.det, a.det)))
+        core.center_of_mass(small)
+
+    refs: list[float] = []
+
+    def ref():
+        t = _best(lambda: D32 @ v, a.reps)
+        refs.append(t)
+        return t
+
+    rows = []  # (dataset, label, seconds, passes)
+    for name, d in (("float32", f32), ("uint16", u16)):
+        ref()
+        st = core.column_stats(d)
+        for k in (1, 4, 16):
+            t = rng.random((k, sy, sx))
+            msk = rng.normal(size=(k, a.det, a.det))
+            rows.append((name, f"pcc_mask k={k} (pass 1)",
+                         _best(lambda t=t, d=d: core.pcc_mask(d, t), a.reps), 1))
+            rows.append((name, f"apply_mask k={k} (pass 2, stats given)",
+                         _best(lambda m_=msk, d=d, s_=st: core.apply_mask(d, m_, stats=s_),
+                               a.reps), 1))
+            rows.append((name, f"template mask+image k={k} (2 passes)",
+                         _best(lambda t=t, d=d: core.template_mask_image(d, t), a.reps), 2))
+            ref()
+        vmasks = rng.random((16, a.det, a.det))
+        rows.append((name, "virtual_images k=16 (1 pass)",
+                     _best(lambda d=d, w_=vmasks: core.virtual_images(d, w_), a.reps), 1))
+        rows.append((name, "center_of_mass (1 pass)",
+                     _best(lambda d=d: core.center_of_mass(d), a.reps), 1))
+        ref()
+        if not a.no_libertem:
+            run = _libertem_runner(d)
+            if run is not None:
+                run()
+                rows.append((name, "LiberTEM ApplyMasksUDF k=16 inline", _best(run, a.reps), 1))
+            elif name == "float32":
+                emit("# LiberTEM not importable: ApplyMasksUDF comparison skipped")
+    r = min(refs)
+    emit(f"# reference read (BLAS float32 D@v on {D32.nbytes / 2**30:.3f} GiB): best "
+         f"{r * 1e3:.1f} ms (spread over the run {min(refs) * 1e3:.1f}-{max(refs) * 1e3:.1f} ms)"
+         f" = {D32.nbytes / r / 1e9:.1f} GB/s")
+    emit(f"{'dataset':8s} {'operation':42s} {'time ms':>9s} {'x ref read':>10s} "
+         f"{'x (passes*ref)':>14s}")
+    for ds, label, t, npass in rows:
+        emit(f"{ds:8s} {label:42s} {t * 1e3:9.1f} {t / r:10.2f} {t / (npass * r):14.2f}")
+    if not a.no_memmap:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+            path = Path(tmp) / "f32.npy"
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+            mm[...] = f32
+            mm.flush()
+            del mm
+            data = np.load(path, mmap_mode="r")
+            t16 = rng.random((16, sy, sx))
+            vm = rng.random((16, a.det, a.det))
+            tracemalloc.start()
+            t0 = time.perf_counter()
+            core.template_mask_image(data, t16)
+            core.virtual_images(data, vm)
+            core.center_of_mass(data)
+            el = time.perf_counter() - t0
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            emit(f"# memmap {data.nbytes / 2**30:.3f} GiB: template mask+image k=16, 16 virtual"
+                 f" detectors, CoM: {el:.2f} s, tracemalloc peak {peak / 2**20:.1f} MiB "
+                 f"(limit 256 MiB)")
+    emit(f"# load at end (1,5,15)={os.getloadavg()}")
+    if a.out is not None:
+        a.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
