@@ -53,7 +53,7 @@ def test_real_merlin_6bit(real_zip, name, shape):
     assert isinstance(a.data, da.Array)
     assert a.attrs["bit_depth"] == 6 and a.attrs["saturation_value"] == 63
     assert a.attrs["scan_shape_source"].startswith("frame timestamps")
-    assert a.attrs["calibrated"] is False and a.attrs["detector_units"] == "px"
+    assert a.attrs["calibrated"] == 0 and a.attrs["detector_units"] == "px"
     v = a.values
     assert v.max() <= 63
     # explicit scan shape gives the same array
@@ -100,6 +100,15 @@ def test_real_fpd_hdf5():
     np.testing.assert_array_equal(a.sum(("scan_y", "scan_x")).values, sum_dif)
     b = load(REAL / "FPD_HDF5.hdf5", dataset="fpd_expt/fpd_data/data")
     assert b.shape == a.shape
+
+
+@needs_real
+def test_loaded_array_writes_to_netcdf(tmp_path):
+    a = load(REAL / "FPD_HDF5.hdf5").isel(scan_y=slice(0, 2))
+    a.to_netcdf(tmp_path / "x.nc", engine="h5netcdf")
+    back = xr.open_dataarray(tmp_path / "x.nc", engine="h5netcdf")
+    np.testing.assert_array_equal(back.values, a.values)
+    assert json.loads(back.attrs["calibration"]) == json.loads(a.attrs["calibration"])
 
 
 # ------------------------------------------------------------------ MIB round trips
@@ -267,7 +276,7 @@ def test_calibration_sidecar_and_coords(tmp_path):
     (tmp_path / "x.mib.calibration.yaml").write_text(yaml.safe_dump(side))
     a = load(p)
     cal = Calibration.from_dict(json.loads(a.attrs["calibration"]))
-    assert a.attrs["calibrated"] is True and a.attrs["detector_units"] == "mrad"
+    assert a.attrs["calibrated"] == 1 and a.attrs["detector_units"] == "mrad"
     assert cal.mrad_per_px == (0.5, 0.5) and cal.step_A == (0.5, 0.5)
     assert cal.energy_keV == 300.0 and cal.scan_rotation_deg == 12.0
     assert cal.extra["camera_length_mm"] == 110.0

@@ -19,7 +19,7 @@ raw (``.raw``/``.bin``/   flat binary: ``dtype=``, ``frame_shape=``, ``header_by
 Output convention (all formats): dims ``("scan_y", "scan_x", "ky", "kx")``; scan coordinates in Å
 (first probe at 0), detector coordinates in mrad with 0 at ``calibration.center_px`` (or, when the
 centre is not known, at the geometric detector centre; see attrs ``center_px_source``). Without a
-calibration the coordinates are pixel indices and ``attrs["calibrated"]`` is False.
+calibration the coordinates are pixel indices and ``attrs["calibrated"]`` is 0.
 
 Detector orientation: ``ky`` is the row index of the frame *as stored in the file* (row 0 = the
 first row written) and ``kx`` the column index, for every format. rosettasciio flips Merlin
@@ -70,7 +70,6 @@ KNOWN_HDF5_PATHS = (
 #: target size of one dask chunk (whole scan rows)
 CHUNK_BYTES = 64 * 2**20
 
-_log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +118,7 @@ def load(
     -------
     xarray.DataArray
         Dask-backed, dims ``("scan_y", "scan_x", "ky", "kx")``, attrs ``calibration`` (JSON),
-        ``calibrated``, ``source``, ``format``, ``stored_dtype``, ``bit_depth``,
+        ``calibrated`` (0/1), ``source``, ``format``, ``stored_dtype``, ``bit_depth``,
         ``saturation_value``, ``scan_shape_source``, ``detector_orientation``,
         ``center_px_source``, ``scan_units``, ``detector_units``.
 
@@ -143,7 +142,7 @@ def load(
             cal = resolve_calibration(side)
 
     suffix = p.suffix.lower()
-    if p.is_dir() or suffix == ".zarr" or suffix == ".zip" and ".zarr" in p.name:
+    if p.is_dir() or suffix == ".zarr":
         arr, info = _open_zarr(p, dataset=dataset, thickness_nm=thickness_nm, select=select)
     elif suffix == ".mib":
         arr, info = _open_mib(p, scan_shape)
@@ -286,6 +285,8 @@ def _wrap(
     }
     for key, value in info.items():
         attrs[key] = value if isinstance(value, str | int | float | bool) else json.dumps(value)
+    # netCDF-friendly: no None, booleans as 0/1
+    attrs = {k: (int(v) if isinstance(v, bool) else v) for k, v in attrs.items() if v is not None}
     return xr.DataArray(arr, dims=DIMS, coords=coords, attrs=attrs, name="intensity")
 
 
@@ -454,9 +455,14 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
     rows, cols = head["frame_shape"]
     itemsize = np.dtype(head["stored_dtype"]).itemsize
     rpc = min(nav[0], _rows_per_chunk(nav[1], rows * cols * itemsize))
-    logging.getLogger("rsciio").setLevel(logging.ERROR)  # "hdr not found" is not our concern
-    d = file_reader(str(path), lazy=True, navigation_shape=(nav[1], nav[0]),
-                    chunks=(rpc, nav[1], rows, cols))[0]
+    rs_log = logging.getLogger("rsciio")
+    level = rs_log.level
+    rs_log.setLevel(logging.ERROR)  # its "hdr not found" warning: we report the scan shape source
+    try:
+        d = file_reader(str(path), lazy=True, navigation_shape=(nav[1], nav[0]),
+                        chunks=(rpc, nav[1], rows, cols))[0]
+    finally:
+        rs_log.setLevel(level)
     arr = d["data"]
     if not isinstance(arr, da.Array):
         arr = da.from_array(arr)
