@@ -365,3 +365,17 @@ def test_abtem_zarr_and_xarray(tmp_path):
         # zero angle at the centre of the (unshifted, centred) abTEM grid
         assert a.kx.values[3] == pytest.approx(0.0, abs=1e-9)
         assert a.ky.values[4] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_hdf5_py4dstem_layout_preferred(tmp_path):
+    data = _rng_data((2, 3, 5, 4), 8).astype(np.uint8)
+    p = tmp_path / "p4d.h5"
+    with h5py.File(p, "w") as f:
+        f["4DSTEM_experiment/data/datacubes/datacube_0/data"] = data
+        f["4DSTEM_experiment/data/datacubes/datacube_0"].attrs["emd_group_type"] = 1
+        f["4DSTEM_experiment/data/realslices/virtual/data"] = np.zeros((2, 3, 2, 2))
+    a = load(p)
+    assert a.attrs["dataset"] == "4DSTEM_experiment/data/datacubes/datacube_0/data"
+    np.testing.assert_array_equal(a.values, data)
+    with pytest.raises(ValueError, match="no dataset 'nope'"):
+        load(p, dataset="nope")
