@@ -2,9 +2,10 @@
 
 Runs one frozen-phonon configuration of a structure of ``config/paper.yaml`` at the full
 paper grid (0.073 Å sampling, ~80 Å slab, 4.692 Å slices, all detectors) but only
-``--periods`` beam periods and ``--positions`` probe positions, twice: with one exit plane and with an exit plane after
-every period (to separate the propagation cost from the detection cost per exit plane). It
-then extrapolates linearly to the full thickness series and the full scan:
+``--periods`` beam periods and ``--positions`` probe positions, twice: with one exit plane
+and with an exit plane after every period (to separate the propagation cost from the
+detection cost per exit plane). It then extrapolates linearly to the full thickness
+series and the full scan:
 
     cost/config = build_per_slice * n_slices
                   + n_pos * (per_slice * n_slices + per_plane * n_planes)
