@@ -182,6 +182,36 @@ def test_sites_from_adf_image_finds_invisible_species(corner):
     assert (sites.loc[sites.label == "P+O", "n_atoms"] == 2).all()
 
 
+def _rotated_truth(table, cell, theta_deg, shape, step, pivot_A):
+    """Sites of a crystal rotated by theta (cell x axis along (sin, cos)) inside the scan."""
+    t = np.deg2rad(theta_deg)
+    ly, lx = cell
+    rows = []
+    for i in range(-12, 13):
+        for j in range(-8, 9):
+            for r in table.itertuples():
+                u, v = i * ly + r.y_A, j * lx + r.x_A  # crystal frame (y, x)
+                y = pivot_A[0] + u * np.cos(t) + v * np.sin(t)
+                x = pivot_A[1] - u * np.sin(t) + v * np.cos(t)
+                if 0 <= y <= (shape[0] - 1) * step and 0 <= x <= (shape[1] - 1) * step:
+                    rows.append((r.label, y, x))
+    return pd.DataFrame(rows, columns=["label", "y_A", "x_A"])
+
+
+@pytest.mark.parametrize("theta", [25.0, -62.0])
+def test_sites_from_image_finds_crystal_rotation(theta):
+    step, shape = 0.3, (70, 76)
+    truth = _rotated_truth(TOY, CELL, theta, shape, step, pivot_A=(9.1, 10.2))
+    img = _render(truth, shape, step, noise=0.02)
+    sites, info = sites_from_image(img, TOY, CELL, step_A=step, match_label="Fe",
+                                   rotation_deg=None)
+    # the cell is rectangular with a half-cell translation: theta is found modulo 180 degrees
+    assert abs((info["rotation_deg"] - theta + 90) % 180 - 90) < 1.0
+    inner = truth[(truth.y_A > 1) & (truth.y_A < (shape[0] - 1) * step - 1)
+                  & (truth.x_A > 1) & (truth.x_A < (shape[1] - 1) * step - 1)]
+    _match(sites, inner, tol=0.15)
+
+
 def test_sites_from_inverted_image():
     step, shape = 0.35, (48, 60)
     truth = _tile(TOY, CELL, (0.7, 1.1), shape, step)

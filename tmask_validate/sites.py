@@ -312,6 +312,7 @@ def fit_lattice(
     a_guess: Sequence[float] | None = None,
     b_guess: Sequence[float] | None = None,
     max_residual: float | None = None,
+    max_basis: int | None = None,
     return_info: bool = False,
 ):
     """Fit a 2D lattice (with a basis, if needed) to peak positions.
@@ -338,6 +339,9 @@ def fit_lattice(
         Approximate lattice vectors ``(dy, dx)``; both or neither.
     max_residual : float, optional
         Outlier threshold.
+    max_basis : int, optional
+        Largest acceptable number of basis positions per cell (e.g. the number of visible
+        columns per cell); more means the guess vectors are wrong (ValueError).
     return_info : bool
         Also return a dict with ``basis`` (k, 2) offsets, ``indices`` (n, 3) ``i, j, k`` (-1 for
         outliers), ``residuals`` (n,), ``rms``, ``n_inliers``.
@@ -372,6 +376,9 @@ def fit_lattice(
         basis_mat = np.array([a, b])
         if offsets is None:
             offsets = _cluster_offsets(pos[near], origin, basis_mat, tol)
+            if max_basis is not None and len(offsets) > max_basis:
+                raise ValueError(f"{len(offsets)} distinct positions per cell (> {max_basis}): "
+                                 f"the lattice guess does not fit the peaks")
         ij, k, r = _assign(pos, origin, basis_mat, offsets)
         used = near & (r < tol)
         if used.sum() < 3 + len(offsets):
@@ -409,7 +416,11 @@ def fit_lattice(
 
 
 def _cell_vectors_px(cell_A, step_A, rotation_deg: float) -> tuple[np.ndarray, np.ndarray]:
-    """The structure's projected cell vectors (y-axis one, x-axis one) in scan pixels."""
+    """The structure's projected cell vectors (y-axis one, x-axis one) in scan pixels.
+
+    ``rotation_deg`` = θ: the cell's x axis points along ``(dy, dx) = (sin θ, cos θ)`` (from
+    scan x towards scan y) and its y axis along ``(cos θ, −sin θ)``.
+    """
     ly, lx = (float(v) for v in cell_A)
     s = _step_pair(step_A)
     t = np.deg2rad(rotation_deg)
@@ -485,7 +496,9 @@ def map_basis(
         the lattice origin) is the one minimising the mean distance from every peak to its
         nearest predicted ``match_label`` site; without ``peaks`` only the origin is used.
     rotation_deg : float
-        Scan rotation used for the expected cell vectors (only to match the fitted vectors).
+        In-plane rotation θ of the crystal in the scan frame (the cell's x axis along
+        ``(sin θ, cos θ)`` in (y, x)); only used to match the fitted vectors to the cell's.
+        Not the detector-to-scan ``Calibration.scan_rotation_deg``.
     margin_px : float
         Keep sites within ``[-margin, size - 1 + margin]`` pixels.
 
@@ -580,7 +593,7 @@ def sites_from_image(
     min_distance_A: float | None = None,
     threshold: float | None = None,
     window_A: float | None = None,
-    rotation_deg: float = 0.0,
+    rotation_deg: float | None = 0.0,
     periodic: bool = False,
 ) -> tuple[pd.DataFrame, dict]:
     """Site table of the whole field of view from one image (find → refine → lattice → basis).
@@ -589,7 +602,12 @@ def sites_from_image(
     ----------
     image : ndarray (sy, sx)
         Virtual ADF (atoms bright) or ABF/BF (atoms dark: ``invert=True``).
-    site_table_one_cell, cell_A, match_label, rotation_deg : see :func:`map_basis`.
+    site_table_one_cell, cell_A, match_label : see :func:`map_basis`.
+    rotation_deg : float or None
+        Crystal rotation in the scan frame (see :func:`map_basis`); ``None`` = search 0-180° in
+        3° steps for the rotation whose lattice fit (with no more basis positions per cell than
+        ``match_label`` columns) scores best, score = Σ exp(−r²/2σ²) over the peaks' residuals
+        with σ = 3 % of the shorter cell vector; the fitted vectors then give the rotation.
     step_A : float or (y, x)
     invert : bool
         Search minima instead of maxima.
@@ -611,7 +629,7 @@ def sites_from_image(
         As :func:`map_basis`.
     info : dict
         ``peaks_px`` (refined, DataFrame), ``lattice`` (origin, a, b in px), ``fit`` (lattice
-        fit info: rms, inliers, ...).
+        fit info: rms, inliers, ...), ``rotation_deg`` (used or found).
     """
     img = _image2d(image)
     if invert:
@@ -640,12 +658,35 @@ def sites_from_image(
     w_px = max(1, int(round((window_A or 0.4 * min_distance_A) / float(step.min()))))
     ref = refine_gaussian(img, peaks, window_px=w_px, periodic=periodic)
     pos = ref[["y_px", "x_px"]].to_numpy()
-    a0, b0 = _cell_vectors_px(cell_A, step, rotation_deg)
-    origin, a, b, fit = fit_lattice(pos, a_guess=a0, b_guess=b0, return_info=True)
+    n_cell = int((table["label"] == match_label).sum())
+    if rotation_deg is None:
+        best, best_score = None, None
+        for rot in np.arange(0.0, 180.0, 3.0):
+            a0, b0 = _cell_vectors_px(cell_A, step, rot)
+            try:
+                res = fit_lattice(pos, a_guess=a0, b_guess=b0, max_basis=n_cell,
+                                  return_info=True)
+            except ValueError:
+                continue
+            # soft inlier count: peaks within ~3% of the shorter cell vector count fully, so a
+            # loose fit of a wrong rotation (residuals ~ 0.1 cell) scores low
+            sigma = 0.03 * min(np.hypot(*a0), np.hypot(*b0))
+            score = float(np.sum(np.exp(-0.5 * (res[3]["residuals"] / sigma) ** 2)))
+            if best_score is None or score > best_score:
+                best, best_score = (rot, res), score
+        if best is None:
+            raise ValueError("no crystal rotation makes the structure's cell fit the peaks")
+        rot, (origin, a, b, fit) = best
+        # the fitted b vector (cell x axis) gives the rotation precisely
+        rotation_deg = float(np.degrees(np.arctan2(b[0] * step[0], b[1] * step[1])))
+    else:
+        a0, b0 = _cell_vectors_px(cell_A, step, rotation_deg)
+        origin, a, b, fit = fit_lattice(pos, a_guess=a0, b_guess=b0, return_info=True)
     inl = fit["indices"][:, 0] != -1 if len(fit["indices"]) else np.zeros(0, bool)
     sites = map_basis((origin, a, b), table, cell_A, scan_shape=img.shape, step_A=step,
                       match_label=match_label, peaks=pos[inl], rotation_deg=rotation_deg)
-    return sites, {"peaks_px": ref, "lattice": (origin, a, b), "fit": fit}
+    return sites, {"peaks_px": ref, "lattice": (origin, a, b), "fit": fit,
+                   "rotation_deg": float(rotation_deg)}
 
 
 def refine_sites(

@@ -5,7 +5,8 @@ or the analysis defaults), finds and refines its peaks, fits the lattice (the st
 projected cell as the starting guess), and lays the structure's projected basis onto it, so the
 CSV lists every column type (``label,y_A,x_A,composition,n_atoms`` + ``y_px,x_px,cell_i,cell_j,
 visible``), including types invisible in that image. ABF/BF images are inverted (atoms dark).
-The peaks are matched to ``--match-label`` (default: the heaviest column type).
+The peaks are matched to ``--match-label`` (default: the heaviest column type); the crystal's
+in-plane rotation is searched unless ``--lattice-rotation-deg`` gives it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def register(subparsers) -> None:
                    help="column label the image peaks belong to (default: heaviest)")
     p.add_argument("--threshold", type=float, default=None,
                    help="absolute peak threshold on the (inverted for abf/bf) image")
+    p.add_argument("--lattice-rotation-deg", type=float, default=None,
+                   help="crystal rotation in the scan frame (cell x axis along (sin, cos) in "
+                        "(y, x)); default: searched")
     p.add_argument("--config", default=None, help="config YAML (analysis.detectors_mrad)")
     p.add_argument("--out", required=True, help="output CSV")
     p.set_defaults(func=run)
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         match = max(comp.index, key=lambda lab: column_z(comp[lab]))
     sites, info = sites_from_image(image, table, cell, step_A=cal.step_A, match_label=match,
                                    invert=args.image != "adf", threshold=args.threshold,
-                                   rotation_deg=cal.scan_rotation_deg)
+                                   rotation_deg=args.lattice_rotation_deg)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -112,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     fit = info["fit"]
     counts = sites["label"].value_counts().to_dict()
     print(f"find-sites: {args.image} {inner:g}-{outer:g} mrad, {len(info['peaks_px'])} peaks "
-          f"({match}), lattice rms {fit['rms']:.3f} px, {fit['n_inliers']} inliers; "
+          f"({match}), crystal rotation {info['rotation_deg']:.1f} deg, lattice rms "
+          f"{fit['rms']:.3f} px, {fit['n_inliers']} inliers; "
           f"{len(sites)} sites {counts} -> {out}")
     return 0
