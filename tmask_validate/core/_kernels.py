@@ -63,7 +63,7 @@ if _HAVE_NUMBA:
     def _stats_tprod_numba(x, rows, t, shift, s1, s2, acc):  # pragma: no cover - compiled
         # parallel over column blocks: each block's float64 accumulators (k x COL_BLOCK) stay
         # in cache and belong to one thread; rows are taken 4 at a time so each accumulator
-        # load/store serves 4 multiply-adds.
+        # load/store serves 4 multiply-adds.  The caller passes a multiple of 4 rows.
         n = x.shape[1]
         k = t.shape[0]
         q = rows.shape[0]
@@ -72,58 +72,39 @@ if _HAVE_NUMBA:
             c0 = b * COL_BLOCK
             c1 = min(n, c0 + COL_BLOCK)
             wd = c1 - c0
-            y = np.empty((4, COL_BLOCK), dtype=np.float64)
+            y0 = np.empty(COL_BLOCK, dtype=np.float64)
+            y1 = np.empty(COL_BLOCK, dtype=np.float64)
+            y2 = np.empty(COL_BLOCK, dtype=np.float64)
+            y3 = np.empty(COL_BLOCK, dtype=np.float64)
             ls1 = np.zeros(COL_BLOCK, dtype=np.float64)
             ls2 = np.zeros(COL_BLOCK, dtype=np.float64)
             lacc = np.zeros((k, COL_BLOCK), dtype=np.float64)
             sh = shift[c0:c1]
-            jj = 0
-            while jj < q:
-                g = min(4, q - jj)
-                if g == 4:
-                    xa = x[rows[jj], c0:c1]
-                    xb = x[rows[jj + 1], c0:c1]
-                    xc = x[rows[jj + 2], c0:c1]
-                    xd = x[rows[jj + 3], c0:c1]
-                    y0 = y[0]
-                    y1 = y[1]
-                    y2 = y[2]
-                    y3 = y[3]
+            for jj in range(0, q - 3, 4):
+                xa = x[rows[jj], c0:c1]
+                xb = x[rows[jj + 1], c0:c1]
+                xc = x[rows[jj + 2], c0:c1]
+                xd = x[rows[jj + 3], c0:c1]
+                for c in range(wd):
+                    sc = sh[c]
+                    va = np.float64(xa[c]) - sc
+                    vb = np.float64(xb[c]) - sc
+                    vc = np.float64(xc[c]) - sc
+                    vd = np.float64(xd[c]) - sc
+                    y0[c] = va
+                    y1[c] = vb
+                    y2[c] = vc
+                    y3[c] = vd
+                    ls1[c] += (va + vb) + (vc + vd)
+                    ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                for i in range(k):
+                    t0 = t[i, jj]
+                    t1 = t[i, jj + 1]
+                    t2 = t[i, jj + 2]
+                    t3 = t[i, jj + 3]
+                    la = lacc[i]
                     for c in range(wd):
-                        sc = sh[c]
-                        va = np.float64(xa[c]) - sc
-                        vb = np.float64(xb[c]) - sc
-                        vc = np.float64(xc[c]) - sc
-                        vd = np.float64(xd[c]) - sc
-                        y0[c] = va
-                        y1[c] = vb
-                        y2[c] = vc
-                        y3[c] = vd
-                        ls1[c] += (va + vb) + (vc + vd)
-                        ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
-                    for i in range(k):
-                        t0 = t[i, jj]
-                        t1 = t[i, jj + 1]
-                        t2 = t[i, jj + 2]
-                        t3 = t[i, jj + 3]
-                        la = lacc[i]
-                        for c in range(wd):
-                            la[c] += (t0 * y0[c] + t1 * y1[c]) + (t2 * y2[c] + t3 * y3[c])
-                else:
-                    for u in range(g):
-                        xr = x[rows[jj + u], c0:c1]
-                        yu = y[u]
-                        for c in range(wd):
-                            v = np.float64(xr[c]) - sh[c]
-                            yu[c] = v
-                            ls1[c] += v
-                            ls2[c] += v * v
-                        for i in range(k):
-                            tv = t[i, jj + u]
-                            la = lacc[i]
-                            for c in range(wd):
-                                la[c] += tv * yu[c]
-                jj += g
+                        la[c] += (t0 * y0[c] + t1 * y1[c]) + (t2 * y2[c] + t3 * y3[c])
             for c in range(wd):
                 s1[c0 + c] += ls1[c]
                 s2[c0 + c] += ls2[c]
@@ -138,66 +119,57 @@ if _HAVE_NUMBA:
         r = x.shape[0]
         n = x.shape[1]
         k = w.shape[0]
-        npair = (r + 1) // 2
-        for p in prange(npair):
+        for p in prange(r // 2):
             j = 2 * p
-            if j + 1 < r:
-                xa = x[j]
-                xb = x[j + 1]
-                i = 0
-                while i + 4 <= k:
-                    w0 = w[i]
-                    w1 = w[i + 1]
-                    w2 = w[i + 2]
-                    w3 = w[i + 3]
-                    a0 = 0.0
-                    a1 = 0.0
-                    a2 = 0.0
-                    a3 = 0.0
-                    b0 = 0.0
-                    b1 = 0.0
-                    b2 = 0.0
-                    b3 = 0.0
-                    for c in range(n):
-                        mc = mu[c]
-                        ya = np.float64(xa[c]) - mc
-                        yb = np.float64(xb[c]) - mc
-                        a0 += ya * w0[c]
-                        a1 += ya * w1[c]
-                        a2 += ya * w2[c]
-                        a3 += ya * w3[c]
-                        b0 += yb * w0[c]
-                        b1 += yb * w1[c]
-                        b2 += yb * w2[c]
-                        b3 += yb * w3[c]
-                    out[j, i] = a0
-                    out[j, i + 1] = a1
-                    out[j, i + 2] = a2
-                    out[j, i + 3] = a3
-                    out[j + 1, i] = b0
-                    out[j + 1, i + 1] = b1
-                    out[j + 1, i + 2] = b2
-                    out[j + 1, i + 3] = b3
-                    i += 4
-                while i < k:
-                    w0 = w[i]
-                    a0 = 0.0
-                    b0 = 0.0
-                    for c in range(n):
-                        mc = mu[c]
-                        a0 += (np.float64(xa[c]) - mc) * w0[c]
-                        b0 += (np.float64(xb[c]) - mc) * w0[c]
-                    out[j, i] = a0
-                    out[j + 1, i] = b0
-                    i += 1
-            else:
-                xa = x[j]
-                for i in range(k):
-                    w0 = w[i]
-                    a0 = 0.0
-                    for c in range(n):
-                        a0 += (np.float64(xa[c]) - mu[c]) * w0[c]
-                    out[j, i] = a0
+            # the caller passes an even number of rows
+            xa = x[j]
+            xb = x[j + 1]
+            i = 0
+            while i + 4 <= k:
+                w0 = w[i]
+                w1 = w[i + 1]
+                w2 = w[i + 2]
+                w3 = w[i + 3]
+                a0 = 0.0
+                a1 = 0.0
+                a2 = 0.0
+                a3 = 0.0
+                b0 = 0.0
+                b1 = 0.0
+                b2 = 0.0
+                b3 = 0.0
+                for c in range(n):
+                    mc = mu[c]
+                    ya = np.float64(xa[c]) - mc
+                    yb = np.float64(xb[c]) - mc
+                    a0 += ya * w0[c]
+                    a1 += ya * w1[c]
+                    a2 += ya * w2[c]
+                    a3 += ya * w3[c]
+                    b0 += yb * w0[c]
+                    b1 += yb * w1[c]
+                    b2 += yb * w2[c]
+                    b3 += yb * w3[c]
+                out[j, i] = a0
+                out[j, i + 1] = a1
+                out[j, i + 2] = a2
+                out[j, i + 3] = a3
+                out[j + 1, i] = b0
+                out[j + 1, i + 1] = b1
+                out[j + 1, i + 2] = b2
+                out[j + 1, i + 3] = b3
+                i += 4
+            while i < k:
+                w0 = w[i]
+                a0 = 0.0
+                b0 = 0.0
+                for c in range(n):
+                    mc = mu[c]
+                    a0 += (np.float64(xa[c]) - mc) * w0[c]
+                    b0 += (np.float64(xb[c]) - mc) * w0[c]
+                out[j, i] = a0
+                out[j + 1, i] = b0
+                i += 1
 
 
 def stats_tprod(x, rows, t, shift, s1, s2, acc) -> None:
@@ -206,10 +178,16 @@ def stats_tprod(x, rows, t, shift, s1, s2, acc) -> None:
     ``x`` (r, n) C-contiguous; ``rows`` int64 (q,); ``t`` float64 (k, q); ``shift`` float64
     (n,); ``s1``, ``s2`` float64 (n,) and ``acc`` float64 (k, n) are updated in place.
     """
-    if rows.shape[0] == 0:
+    q = rows.shape[0]
+    if q == 0:
         return
     if _STATE["numba"]:
-        _stats_tprod_numba(x, rows, t, shift, s1, s2, acc)
+        q4 = q - q % 4
+        if q4:
+            _stats_tprod_numba(x, rows[:q4], np.ascontiguousarray(t[:, :q4]), shift, s1, s2,
+                               acc)
+        if q4 < q:  # the last 1-3 rows (numpy; keeps the compiled kernel small)
+            _stats_tprod_numpy(x, rows[q4:], t[:, q4:], shift, s1, s2, acc)
     else:
         _stats_tprod_numpy(x, rows, t, shift, s1, s2, acc)
 
@@ -221,7 +199,11 @@ def apply_weights(x, mu, w, out) -> None:
     ``out`` float64 (r, k).
     """
     if _STATE["numba"]:
-        _apply_weights_numba(x, mu, w, out)
+        r2 = x.shape[0] - x.shape[0] % 2
+        if r2:
+            _apply_weights_numba(x[:r2], mu, w, out[:r2])
+        if r2 < x.shape[0]:  # odd last row (numpy; keeps the compiled kernel small)
+            _apply_weights_numpy(x[r2:], mu, w, out[r2:])
     else:
         _apply_weights_numpy(x, mu, w, out)
 

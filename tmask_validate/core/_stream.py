@@ -19,8 +19,10 @@ import numpy as np
 #: plus the float64 accumulators, well under 256 MiB.
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 
-#: dtypes the compiled kernels read directly; anything else real-valued is converted per chunk.
-NATIVE_DTYPES = (np.uint8, np.uint16, np.uint32, np.float32, np.float64)
+#: dtypes the compiled kernels read directly (few specialisations = short compile times);
+#: other real dtypes are converted per chunk: uint8 -> uint16 (exact, cheap), anything
+#: else (uint32, int*, float16, bool) -> float64 (exact for 32-bit integers).
+NATIVE_DTYPES = (np.uint16, np.float32, np.float64)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def rows_per_chunk(info: DataInfo, chunk_bytes: int | None, itemsize: int | None
 def kernel_dtype_chunk(chunk: np.ndarray) -> np.ndarray:
     """Return ``chunk`` as a C-contiguous 2D array of a dtype the kernels read natively."""
     if chunk.dtype.type not in NATIVE_DTYPES:
-        chunk = chunk.astype(np.float64)
+        chunk = chunk.astype(np.uint16 if chunk.dtype == np.uint8 else np.float64)
     return np.ascontiguousarray(chunk)
 
 
