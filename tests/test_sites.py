@@ -16,6 +16,7 @@ from tmask_validate.sites import (
     region_from_rectangle,
     sites_from_image,
     ti_o_displacement,
+    ti_o_displacement_from_images,
     write_sites_csv,
 )
 
@@ -339,3 +340,30 @@ def test_find_sites_cli_on_written_mib(tmp_path):
     _match(sites, inner, tol=0.15)
     rc = main(["inspect", str(p)])
     assert rc == 0
+
+
+def test_ti_o_displacement_from_images_recovers_shift_field():
+    ly, lx, step, shape = 4.152, 3.904, 0.2, (90, 80)
+    nominal, ti_true = [], []
+    for i in range(5):
+        for j in range(5):
+            y0, x0 = i * ly + 2.242 - 0.3 * 0, j * lx + 1.952
+            shift = (-0.30 if j < 2 else 0.25, 0.1 if i % 2 else -0.05)  # two "domains"
+            nominal.append(("Ti+O", y0, x0))
+            ti_true.append((y0 + shift[0], x0 + shift[1]))
+            nominal += [("O", i * ly + 0.465, j * lx + 1.952), ("O", i * ly + 2.541, j * lx)]
+    sites = pd.DataFrame(nominal, columns=["label", "y_A", "x_A"])
+    yy, xx = np.mgrid[: shape[0], : shape[1]] * step
+    g = lambda y, x: np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * 0.35**2))  # noqa: E731
+    ti_img = sum(g(y, x) for y, x in ti_true)
+    o_img = sum(g(r.y_A, r.x_A) for r in sites[sites.label == "O"].itertuples())
+    res = ti_o_displacement_from_images(ti_img, o_img, sites, step_A=step, cell_A=(ly, lx),
+                                        window_A=0.6)
+    assert len(res) >= 9
+    truth = np.array(ti_true)
+    for r in res.itertuples():
+        k = np.argmin(np.hypot(truth[:, 0] - r.y_A, truth[:, 1] - r.x_A))
+        i, j = divmod(k, 5)
+        o_centre = (i * ly + 0.465 + (i + 1) * ly + 0.465) / 2, j * lx + 1.952
+        assert r.dy_A == pytest.approx(truth[k, 0] - o_centre[0], abs=0.02)
+        assert r.dx_A == pytest.approx(truth[k, 1] - o_centre[1], abs=0.02)
