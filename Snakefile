@@ -14,6 +14,9 @@ from tmask_validate.workflow import targets as T
 configfile: "config/default.yaml"
 
 CFG = validate_config(config)
+# experiment paths in a config are relative to the config file
+T.resolve_experiment_paths(CFG, Path(workflow.configfiles[-1]).parent if workflow.configfiles
+                           else Path.cwd())
 R = Path(CFG["workflow"]["results_dir"])
 # the effective config (file + --config overrides + defaults) handed to every command;
 # rewritten only when its content changes, and never a rule input (params carry what jobs use)
@@ -25,6 +28,7 @@ wildcard_constraints:
     chunk=r"c\d+-\d+",
     dose=r"noiseless|d[0-9.e-]+",
     thickness=r"t[0-9.e-]+nm",
+    experiment="|".join(T.experiments(CFG)) or "NONE",
 
 
 def res(rule):
@@ -36,6 +40,7 @@ rule all:
         R / "report" / "report.html",
         R / "claims.csv",
         R / "metrics" / "metrics.csv",
+        expand(str(R / "experiments" / "{experiment}.nc"), experiment=T.experiments(CFG)),
     default_target: True
 
 

@@ -164,3 +164,19 @@ def test_changing_one_dose_reruns_only_its_dependents(smoke_run):
     assert counts["noise"] == n_struct          # only the new dose
     assert counts["analyse"] == n_thick          # only the new dose's datasets
     assert counts["metrics"] == counts["claims"] == counts["report"] == 1
+
+
+def test_experiments_enter_the_dag(tmp_path):
+    """An experiments entry adds one analyse_experiment job whose file path is resolved
+    relative to the config file."""
+    np.save(tmp_path / "scan.npy", np.zeros((2, 2, 4, 4), np.float32))
+    cfg = yaml.safe_load((ROOT / "config" / "smoke.yaml").read_text())
+    cfg["experiments"] = {"lab1": {"file": "scan.npy", "structure": "LiFePO4",
+                                   "calibration": {"step_A": 0.4, "mrad_per_px": 1.0}}}
+    path = tmp_path / "with_exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = _run([_cli(), "workflow", "--config", str(path), "--directory", str(tmp_path / "w"),
+                "--cores", "2", "-n"], cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert _job_counts(res.stdout)["analyse_experiment"] == 1
+    assert str(tmp_path / "scan.npy") in res.stdout

@@ -448,6 +448,7 @@ def analyse_dataset(
     options: Mapping[str, Any] | None = None,
     origin_A: Sequence[float] = (0.0, 0.0),
     meta: Mapping[str, Any] | None = None,
+    partial_region: np.ndarray | None = None,
 ) -> xr.Dataset:
     """Every image and mask of the validation for one 4D dataset.
 
@@ -471,6 +472,8 @@ def analyse_dataset(
         Scan position (Å) of pixel ``[0, 0]``.
     meta : mapping, optional
         Extra JSON-able attributes (structure, thickness_nm, dose_key, ...).
+    partial_region : bool array (scan_y, scan_x), optional
+        Reference region of the partial templates (default: chosen by :func:`partial_window`).
 
     Returns
     -------
@@ -610,8 +613,11 @@ def analyse_dataset(
     # ---- partial templates (mask from a 1/9 window, image everywhere) ----
     regions = {}
     if opts["partial"]["enabled"]:
-        reg = partial_window(sites, scan_shape, step_A=step_A, origin_A=origin_A,
-                             fraction=opts["partial"]["fraction"], periodic=periodic)
+        if partial_region is not None:
+            reg = templates.check_region(partial_region, scan_shape)
+        else:
+            reg = partial_window(sites, scan_shape, step_A=step_A, origin_A=origin_A,
+                                 fraction=opts["partial"]["fraction"], periodic=periodic)
         regions["partial"] = reg
         part = []
         for tag, kind, sig, tdict in _template_sets(

@@ -78,12 +78,19 @@ def build_report(
     metrics_csv: str | Path,
     *,
     config: Mapping[str, Any] | None = None,
+    extra_figures: list[str | Path] | None = None,
 ) -> str:
-    """Return the HTML text of the report."""
+    """Return the HTML text of the report (``extra_figures``: e.g. experiment overviews)."""
     from tmask_validate import metrics as metrics_mod
 
     figures_manifest = Path(figures_manifest)
     figs = json.loads(figures_manifest.read_text()) if figures_manifest.is_file() else []
+    for p in extra_figures or []:
+        p = Path(p).resolve()
+        figs.append({"id": p.stem, "png": str(p), "pdf": str(p.with_suffix(".pdf").name),
+                     "caption": "Experimental dataset: virtual ABF with the column sites, "
+                                "template of the last label, per-species PCC masks (top) and "
+                                "images (bottom), all-atom template.", "dataset": p.stem})
     claims = pd.read_csv(claims_csv, keep_default_na=False, na_values=[""])
     metrics = pd.read_csv(metrics_csv, keep_default_na=False, na_values=[""])
     name = (config or {}).get("name", "")

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     g.add_argument("--structure", default=None,
                    help="structure builder name: sites from its lattice fitted to the ADF image")
     p.add_argument("--config", default=None, help="config YAML (its analysis section is used)")
+    p.add_argument("--experiment", default=None,
+                   help="name in the config's experiments section: file, calibration, structure,"
+                        " scan shape, sites (fit or CSV), partial region come from there")
     p.add_argument("--dose-key", default=None, help="dose key recorded in the output metadata")
     p.add_argument("--out", required=True, help="output NetCDF (.nc)")
     p.add_argument("--metrics-out", default=None, help="also write the tidy metrics CSV here")
@@ -90,7 +93,8 @@ def _materialise(data):
     return data
 
 
-def _experimental_sites(data, cal: Calibration, structure: str, opts: dict):
+def _experimental_sites(data, cal: Calibration, structure: str, opts: dict, *,
+                        fit_from: str = "adf"):
     """Sites for experimental data: the structure's projected cell mapped onto the ADF lattice."""
     from tmask_validate import core, structures
     from tmask_validate import sites as sitesmod
@@ -98,31 +102,56 @@ def _experimental_sites(data, cal: Calibration, structure: str, opts: dict):
     table = structures.projected_columns(structure)
     atoms = structures.build(structure)
     cell = structures.projected_cell_A(atoms)
-    det = opts["detectors_mrad"]["adf"]
+    det = opts["detectors_mrad"][fit_from]
     center = cal.center_px or core.estimate_center_px(data)
-    masks = core.virtual_detector_masks(data.shape[2:], {"adf": tuple(det)}, center_px=center,
+    angle = core.scattering_angle_mrad(data.shape[2:], center_px=center,
+                                       mrad_per_px=cal.mrad_per_px)
+    det = (float(det[0]), min(float(det[1]), float(np.max(angle))))
+    masks = core.virtual_detector_masks(data.shape[2:], {"fit": det}, center_px=center,
                                         mrad_per_px=cal.mrad_per_px)
-    adf = core.virtual_images(data, masks)["adf"]
+    fit_img = core.virtual_images(data, masks)["fit"]
     from tmask_validate.analysis import _composition_z
 
     heaviest = max(dict.fromkeys(table["label"]),
                    key=lambda lab: _composition_z(
                        str(table.loc[table["label"] == lab, "composition"].iloc[0]), lab))
-    sites, _ = sitesmod.sites_from_image(adf, table, cell, step_A=cal.step_A,
-                                         match_label=heaviest,
+    sites, _ = sitesmod.sites_from_image(fit_img, table, cell, step_A=cal.step_A,
+                                         match_label=heaviest, invert=fit_from != "adf",
                                          rotation_deg=cal.scan_rotation_deg)
     return sites, cell
 
 
+def _experiment(args, cfg):
+    """The experiments-section entry, the config's folder and the lazily loaded data."""
+    from tmask_validate import io
+    from tmask_validate.calibration import resolve_calibration
+
+    if cfg is None or args.experiment not in cfg.get("experiments", {}):
+        raise ValueError(f"experiment {args.experiment!r} is not in the config's experiments")
+    ent = cfg["experiments"][args.experiment]
+    base = Path(args.config).resolve().parent
+    path = Path(ent["file"]) if Path(ent["file"]).is_absolute() else base / ent["file"]
+    cal_spec = ent.get("calibration")
+    if isinstance(cal_spec, str) and not Path(cal_spec).is_absolute():
+        cal_spec = str(base / cal_spec)
+    cal = resolve_calibration(cal_spec) if cal_spec is not None else None
+    arr = io.load(path, calibration=cal, dataset=ent.get("dataset"),
+                  scan_shape=tuple(ent["scan_shape"]) if ent.get("scan_shape") else None)
+    return ent, base, arr
+
+
 def run(args: argparse.Namespace) -> int:
-    from tmask_validate.analysis import analyse_dataset, analysis_options, dataset_metrics
+    from tmask_validate.analysis import analysis_options
     from tmask_validate.config import load_config
 
     t0 = time.time()
     inp = Path(args.input)
     cfg = load_config(args.config) if args.config else None
     opts = analysis_options(cfg["analysis"] if cfg else None)
+    if args.experiment:
+        return _run_experiment(args, cfg, opts, t0)
     is_store = inp.is_dir() and (inp / "intensity").exists()
+    region = None
     experimental = False
     if is_store and args.calibration is None:
         data, sites, cal, cell, periodic, origin, meta = _load_store_dataset(
@@ -149,8 +178,44 @@ def run(args: argparse.Namespace) -> int:
     if args.dose_key:
         meta["dose_key"] = args.dose_key
     meta.setdefault("dose_key", "noiseless" if meta.get("dose_e_per_A2") is None else "")
+    return _finish(args, data, sites, cal, cell, periodic, origin, meta, opts, t0,
+                   experimental=experimental, region=region)
+
+
+def _run_experiment(args, cfg, opts, t0) -> int:
+    from tmask_validate.sites import read_sites_csv
+
+    ent, base, arr = _experiment(args, cfg)
+    cal = Calibration.from_dict(json.loads(arr.attrs["calibration"]))
+    data = _materialise(arr.data)
+    cell = None
+    if args.sites:
+        sites = read_sites_csv(args.sites)
+    elif ent.get("sites", "fit") != "fit":
+        sp = Path(ent["sites"])
+        sites = read_sites_csv(sp if sp.is_absolute() else base / sp)
+    else:
+        sites, cell = _experimental_sites(data, cal, ent["structure"], opts,
+                                          fit_from=ent.get("fit_from", "adf"))
+    region = None
+    if ent.get("region"):
+        yy = np.arange(data.shape[0]) * cal.step_A[0]
+        xx = np.arange(data.shape[1]) * cal.step_A[1]
+        (y0, y1), (x0, x1) = ent["region"]["y_A"], ent["region"]["x_A"]
+        region = ((yy[:, None] >= y0) & (yy[:, None] <= y1)
+                  & (xx[None, :] >= x0) & (xx[None, :] <= x1))
+    meta = {"structure": ent["structure"], "experiment": args.experiment,
+            "source": str(arr.attrs.get("source", "")), "dose_key": "experiment"}
+    return _finish(args, data, sites, cal, cell, False, (0.0, 0.0), meta, opts, t0,
+                   experimental=True, region=region)
+
+
+def _finish(args, data, sites, cal, cell, periodic, origin, meta, opts, t0, *, experimental,
+            region) -> int:
+    from tmask_validate.analysis import analyse_dataset, dataset_metrics
+
     ads = analyse_dataset(data, sites, cal, cell_A=cell, periodic=periodic, options=opts,
-                          origin_A=origin, meta=meta)
+                          origin_A=origin, meta=meta, partial_region=region)
     ads.attrs["wall_time_s"] = float(time.time() - t0)
     out = Path(args.out)
     tmp = _atomic_path(out)

@@ -13,6 +13,7 @@ def register(subparsers) -> None:
     p.add_argument("--claims", required=True, help="results/claims.csv")
     p.add_argument("--metrics", required=True, help="results/metrics/metrics.csv")
     p.add_argument("--config", default=None, help="config YAML")
+    p.add_argument("--extra-figures", nargs="*", default=[], help="further PNGs (experiments)")
     p.add_argument("--out", required=True, help="output HTML (results/report/report.html)")
     p.set_defaults(func=run)
 
@@ -22,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from tmask_validate.report import build_report
 
     cfg = load_config(args.config) if args.config else None
-    text = build_report(args.figures, args.claims, args.metrics, config=cfg)
+    text = build_report(args.figures, args.claims, args.metrics, config=cfg,
+                        extra_figures=args.extra_figures)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

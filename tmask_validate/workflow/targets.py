@@ -139,6 +139,28 @@ def analysis_params(cfg: Mapping[str, Any]) -> str:
     return _dump(sec)
 
 
+def experiments(cfg: Mapping[str, Any]) -> list[str]:
+    """Names of the experimental datasets of the config."""
+    return list(cfg.get("experiments", {}) or {})
+
+
+def resolve_experiment_paths(cfg: dict, base_dir: str | Path) -> dict:
+    """Make the relative paths of the experiments section (file, calibration, sites CSV)
+    absolute, relative to ``base_dir`` (the folder of the config file), in place."""
+    base = Path(base_dir).resolve()
+    for ent in (cfg.get("experiments") or {}).values():
+        for key in ("file", "calibration", "sites"):
+            val = ent.get(key)
+            if isinstance(val, str) and val != "fit" and not Path(val).is_absolute():
+                ent[key] = str(base / val)
+    return cfg
+
+
+def experiment_params(cfg: Mapping[str, Any], name: str) -> str:
+    """What an experiment's analysis depends on: its entry and the analysis settings."""
+    return _dump({"experiment": cfg["experiments"][name], "analysis": analysis_params(cfg)})
+
+
 def write_if_changed(path: str | Path, cfg: Mapping[str, Any]) -> Path:
     """Write ``cfg`` as YAML to ``path`` unless the file already holds exactly that text.
 

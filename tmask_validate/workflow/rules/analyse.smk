@@ -30,3 +30,27 @@ rule analyse:
         "tmask-validate analyse {input} --thickness-nm {params.thickness} "
         "--config {params.config} --dose-key {wildcards.dose} --out {output.nc} "
         "--metrics-out {output.csv} > {log} 2>&1"
+
+
+# Experimental datasets (config section "experiments"): the same analysis, sites fitted to the
+# lattice of a virtual image (or read from a CSV), plus a summary figure.
+rule analyse_experiment:
+    input:
+        lambda w: CFG["experiments"][w.experiment]["file"],
+    output:
+        nc=R / "experiments" / "{experiment}.nc",
+        csv=R / "experiments" / "{experiment}.csv",
+        png=R / "experiments" / "{experiment}.png",
+    params:
+        config=EFFECTIVE_CONFIG,
+        depends=lambda w: T.experiment_params(CFG, w.experiment),
+    log:
+        R / "logs" / "analyse_experiment" / "{experiment}.log",
+    threads: res("analyse_experiment")["threads"]
+    resources:
+        mem_mb=res("analyse_experiment")["mem_mb"],
+        runtime=res("analyse_experiment")["runtime"],
+    shell:
+        "tmask-validate analyse {input} --config {params.config} "
+        "--experiment {wildcards.experiment} --out {output.nc} --metrics-out {output.csv} "
+        "--figure {output.png} > {log} 2>&1"

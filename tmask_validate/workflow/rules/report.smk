@@ -7,6 +7,8 @@ rule report:
         figures=R / "figures" / "figures.json",
         claims=R / "claims.csv",
         metrics=R / "metrics" / "metrics.csv",
+        experiments=expand(str(R / "experiments" / "{experiment}.png"),
+                           experiment=T.experiments(CFG)),
     output:
         R / "report" / "report.html",
     params:
@@ -19,4 +21,5 @@ rule report:
         runtime=res("report")["runtime"],
     shell:
         "tmask-validate report --config {params.config} --figures {input.figures} "
-        "--claims {input.claims} --metrics {input.metrics} --out {output} > {log} 2>&1"
+        "--claims {input.claims} --metrics {input.metrics} --extra-figures {input.experiments} "
+        "--out {output} > {log} 2>&1"
