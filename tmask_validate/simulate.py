@@ -257,6 +257,13 @@ def displaced_atoms(atoms, rms_displacement_A: Mapping[str, float], seed: int,
     return fp.randomize(atoms)
 
 
+def _to_numpy(array) -> np.ndarray:
+    """numpy copy of a computed abTEM array (cupy arrays are moved to the host)."""
+    if hasattr(array, "get") and not isinstance(array, np.ndarray):
+        array = array.get()
+    return np.asarray(array)
+
+
 def run_configuration(
     atoms,
     sim: Mapping[str, Any],
@@ -293,6 +300,7 @@ def run_configuration(
     """
     import abtem
 
+    t0, c0 = time.perf_counter(), time.process_time()
     lx, ly = float(atoms.cell[0, 0]), float(atoms.cell[1, 1])
     gpts = grid_gpts((lx, ly), float(sim["sampling_A"]))
     potential = abtem.Potential(
@@ -305,6 +313,7 @@ def run_configuration(
         device=sim.get("device", "cpu"),
     )
     potential = potential.build(lazy=False)
+    t1, c1 = time.perf_counter(), time.process_time()
     probe = make_probe(sim)
     (y0, x0), (dy, dx), (ny, nx) = scan_start_A, scan_step_A, scan_shape
     scan = abtem.GridScan(
@@ -319,7 +328,7 @@ def run_configuration(
     # one compute for all detectors: computing them one by one reruns the multislice
     measurements = measurements.compute(progress_bar="tqdm" if progress else False)
     patterns = measurements[0]
-    arr = np.asarray(patterns.array)
+    arr = _to_numpy(patterns.array)
     if arr.ndim == 4:
         arr = arr[None]
     if arr.shape[1:3] != (nx, ny):
@@ -329,13 +338,16 @@ def run_configuration(
         "intensity": np.ascontiguousarray(arr.transpose(0, 2, 1, 4, 3), dtype=np.float32)
     }
     for name, meas in zip(names, measurements[1:], strict=True):
-        img = np.asarray(meas.array)
+        img = _to_numpy(meas.array)
         if img.ndim == 2:
             img = img[None]
         out[f"detector_{name}"] = np.ascontiguousarray(img.transpose(0, 2, 1), dtype=np.float32)
     samp = patterns.angular_sampling  # (kx, ky) mrad per pixel
     out["mrad_per_px"] = np.array([samp[1], samp[0]], dtype=float)
     out["gpts"] = np.array([gpts[1], gpts[0]])  # (y, x)
+    t2, c2 = time.perf_counter(), time.process_time()
+    # [build wall, build cpu, multislice+detect wall, multislice+detect cpu] in s
+    out["timing_s"] = np.array([t1 - t0, c1 - c0, t2 - t1, c2 - c1])
     return out
 
 
@@ -518,12 +530,16 @@ def simulate_structure(
         )
         state["meta"] = {"mrad_per_px": res.pop("mrad_per_px").tolist(),
                          "gpts": res.pop("gpts").tolist()}
+        timing = res.pop("timing_s")
+        state["potential_build_s"] = state.get("potential_build_s", 0.0) + float(timing[0])
         n_done = len(state["done"]) + 1
         for key, value in res.items():
             if key not in mean:
                 mean[key] = value.astype(np.float64)
-            else:  # running mean in float64
-                mean[key] += (value - mean[key]) / n_done
+                continue
+            for it in range(value.shape[0]):  # running mean in float64, one thickness at a time
+                m = mean[key][it]
+                m += (value[it] - m) / n_done
         state["done"].append(k)
         state["wall_time_s"] += time.perf_counter() - t0
         state["cpu_time_s"] = state.get("cpu_time_s", 0.0) + time.process_time() - c0
@@ -595,6 +611,7 @@ def _assemble_dataset(config, structure, setup, mean, state, indices, seeds) -> 
         "n_configurations": len(indices),
         "wall_time_s": float(state["wall_time_s"]),
         "cpu_time_s": float(state.get("cpu_time_s", 0.0)),
+        "potential_build_s": float(state.get("potential_build_s", 0.0)),
         "exit_planes": json.dumps([int(i) for i in setup["planes"]]),
         "grid_gpts": json.dumps(state["meta"]["gpts"]),
         "dose_e_per_A2": None,
