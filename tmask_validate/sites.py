@@ -587,6 +587,12 @@ def map_basis(
     return df.reset_index(drop=True)
 
 
+def _lengths_match(a, b, a0, b0, rel_tol: float = 0.08) -> bool:
+    """Fitted vector lengths within ``rel_tol`` of the expected ones."""
+    return bool(abs(np.hypot(*a) / np.hypot(*a0) - 1) <= rel_tol
+                and abs(np.hypot(*b) / np.hypot(*b0) - 1) <= rel_tol)
+
+
 def sites_from_image(
     image: np.ndarray,
     site_table_one_cell: pd.DataFrame,
@@ -611,8 +617,9 @@ def sites_from_image(
     rotation_deg : float or None
         Crystal rotation in the scan frame (see :func:`map_basis`); ``None`` = search 0-180° in
         3° steps for the rotation whose lattice fit (with no more basis positions per cell than
-        ``match_label`` columns) scores best, score = Σ exp(−r²/2σ²) over the peaks' residuals
-        with σ = 3 % of the shorter cell vector; the fitted vectors then give the rotation.
+        ``match_label`` columns, and vector lengths within 8 % of the cell's: the scale is known)
+        scores best, score = Σ exp(−r²/2σ²) over the peaks' residuals with σ = 3 % of the
+        shorter cell vector; the fitted vectors then give the rotation.
     step_A : float or (y, x)
     invert : bool
         Search minima instead of maxima.
@@ -673,6 +680,8 @@ def sites_from_image(
                                   return_info=True)
             except ValueError:
                 continue
+            if not _lengths_match(res[1], res[2], a0, b0):
+                continue  # the scale is known (step, cell): a lattice of other lengths is wrong
             # soft inlier count: peaks within ~3% of the shorter cell vector count fully, so a
             # loose fit of a wrong rotation (residuals ~ 0.1 cell) scores low
             sigma = 0.03 * min(np.hypot(*a0), np.hypot(*b0))
@@ -687,6 +696,11 @@ def sites_from_image(
     else:
         a0, b0 = _cell_vectors_px(cell_A, step, rotation_deg)
         origin, a, b, fit = fit_lattice(pos, a_guess=a0, b_guess=b0, return_info=True)
+        if not _lengths_match(a, b, a0, b0):
+            raise ValueError(
+                f"the lattice fitted to the peaks ({np.hypot(*a) * step[0]:.2f}, "
+                f"{np.hypot(*b) * step[1]:.2f} Å) differs from the cell {tuple(cell_A)} Å by "
+                f"more than 8 %; check step_A / the structure, or let the rotation be searched")
     inl = fit["indices"][:, 0] != -1 if len(fit["indices"]) else np.zeros(0, bool)
     sites = map_basis((origin, a, b), table, cell_A, scan_shape=img.shape, step_A=step,
                       match_label=match_label, peaks=pos[inl], rotation_deg=rotation_deg)
