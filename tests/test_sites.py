@@ -325,7 +325,8 @@ def test_find_sites_cli_on_written_mib(tmp_path):
     r = np.hypot(ky - 15.5, kx - 15.5)
     disc = (r < 5).astype(float) * 200
     ring = ((r > 9) & (r < 15)).astype(float)
-    data = np.rint(disc[None, None] + 40 * img[..., None, None] * ring).astype(np.uint16)
+    rng = np.random.default_rng(0)
+    data = rng.poisson(disc[None, None] + 40 * img[..., None, None] * ring + 1).astype(np.uint16)
     p = write_mib(tmp_path / "scan.mib", data, bit_depth=12)
     (tmp_path / "scan.mib.calibration.yaml").write_text(
         "step_A: 0.3\nmrad_per_px: 4.0\ncenter_px: [15.5, 15.5]\nenergy_keV: 300\n")
