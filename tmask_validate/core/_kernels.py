@@ -119,6 +119,7 @@ if _HAVE_NUMBA:
         r = x.shape[0]
         n = x.shape[1]
         k = w.shape[0]
+        h = n // 2
         for p in prange(r // 2):
             j = 2 * p
             # the caller passes an even number of rows
@@ -160,15 +161,27 @@ if _HAVE_NUMBA:
                 out[j + 1, i + 3] = b3
                 i += 4
             while i < k:
+                # 1-3 leftover masks: split the columns in two halves so that four
+                # independent accumulator chains hide the FMA latency
                 w0 = w[i]
                 a0 = 0.0
                 b0 = 0.0
-                for c in range(n):
+                a1 = 0.0
+                b1 = 0.0
+                for c in range(h):
                     mc = mu[c]
-                    a0 += (np.float64(xa[c]) - mc) * w0[c]
-                    b0 += (np.float64(xb[c]) - mc) * w0[c]
-                out[j, i] = a0
-                out[j + 1, i] = b0
+                    md = mu[c + h]
+                    wc = w0[c]
+                    wd = w0[c + h]
+                    a0 += (np.float64(xa[c]) - mc) * wc
+                    b0 += (np.float64(xb[c]) - mc) * wc
+                    a1 += (np.float64(xa[c + h]) - md) * wd
+                    b1 += (np.float64(xb[c + h]) - md) * wd
+                for c in range(2 * h, n):
+                    a0 += (np.float64(xa[c]) - mu[c]) * w0[c]
+                    b0 += (np.float64(xb[c]) - mu[c]) * w0[c]
+                out[j, i] = a0 + a1
+                out[j + 1, i] = b0 + b1
                 i += 1
 
 
