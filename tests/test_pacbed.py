@@ -73,6 +73,8 @@ def test_exact_library_member_gives_zero_misfit(metric):
     res = match_thickness(p, lib, pattern_mrad_per_px=0.8, pattern_center_px=(48, 50),
                           metric=metric)
     assert res.best_index == 7 and res.misfit[7] == pytest.approx(0.0, abs=1e-12)
+    auto = match_thickness(p, lib, pattern_mrad_per_px=0.8, metric=metric)  # centre measured
+    assert auto.best_index == 7
     assert abs(res.thickness_nm - 16.0) < 0.3 and not res.at_edge
     assert len(res.misfit) == len(ts) and np.all(np.isfinite(res.misfit))
 

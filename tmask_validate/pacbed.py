@@ -254,7 +254,7 @@ def match_thickness(
     library,
     *,
     pattern_mrad_per_px: Sequence[float] | float,
-    pattern_center_px: Sequence[float],
+    pattern_center_px: Sequence[float] | None = None,
     thicknesses_nm: Sequence[float] | None = None,
     library_mrad_per_px: Sequence[float] | float | None = None,
     library_center_px: Sequence[float] | None = None,
@@ -273,8 +273,8 @@ def match_thickness(
         coordinates; an ndarray needs ``thicknesses_nm``, ``library_mrad_per_px`` and
         ``library_center_px``.
     pattern_mrad_per_px, pattern_center_px :
-        Calibration of the measured pattern (centre = zero-angle pixel, e.g. the BF-disc centre
-        from :func:`tmask_validate.preprocess.disc_center`).
+        Calibration of the measured pattern (centre = zero-angle pixel; default: the BF-disc
+        centre of ``pattern``, :func:`tmask_validate.preprocess.disc_center`).
     pattern_var : ndarray (ky, kx), optional
         Variance of ``pattern`` (second output of :func:`pacbed`) for the uncertainty; without it
         only the library-resolution floor applies.
@@ -311,6 +311,10 @@ def match_thickness(
     if not np.all(np.diff(t) > 0):
         raise ValueError("library thicknesses must increase")
     pm = np.asarray(pattern_mrad_per_px, float) * np.ones(2)
+    if pattern_center_px is None:
+        from tmask_validate.preprocess import disc_center
+
+        pattern_center_px = disc_center(p)
     pc = np.asarray(pattern_center_px, float)
     res, covered = resample_library(lib, library_mrad_per_px=lmp, library_center_px=lcp,
                                     out_shape=p.shape, out_mrad_per_px=pm, out_center_px=pc)
