@@ -310,6 +310,9 @@ def test_unknown_format_and_missing(tmp_path):
     (tmp_path / "x.tif").write_bytes(b"x")
     with pytest.raises(ValueError, match="unknown 4D-STEM file format"):
         load(tmp_path / "x.tif")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="not a readable zarr store"):
+        load(tmp_path / "plain")
 
 
 # ------------------------------------------------------------------ config schema

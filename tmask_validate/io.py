@@ -689,7 +689,10 @@ def _open_zarr(
 ) -> tuple[da.Array, dict]:
     import zarr
 
-    root = zarr.open_group(str(path), mode="r")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # noqa: BLE001 - any zarr failure means "not a store we can read"
+        raise ValueError(f"{path}: not a readable zarr store ({exc})") from exc
     attrs = dict(root.attrs)
     if "array0" in list(root.array_keys()) and "metadata0" in attrs:
         return _open_abtem_zarr(path, root, attrs["metadata0"], select=select,
