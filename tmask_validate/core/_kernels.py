@@ -112,6 +112,36 @@ if _HAVE_NUMBA:
                 for c in range(wd):
                     acc[i, c0 + c] += lacc[i, c]
 
+    @njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+    def _col_stats_numba(x, rows, shift, s1, s2):  # pragma: no cover - compiled
+        # stats-only variant of _stats_tprod_numba (no row buffer): ~1.4x faster
+        n = x.shape[1]
+        q = rows.shape[0]
+        nb = (n + COL_BLOCK - 1) // COL_BLOCK
+        for b in prange(nb):
+            c0 = b * COL_BLOCK
+            c1 = min(n, c0 + COL_BLOCK)
+            wd = c1 - c0
+            ls1 = np.zeros(COL_BLOCK, dtype=np.float64)
+            ls2 = np.zeros(COL_BLOCK, dtype=np.float64)
+            sh = shift[c0:c1]
+            for jj in range(0, q - 3, 4):
+                xa = x[rows[jj], c0:c1]
+                xb = x[rows[jj + 1], c0:c1]
+                xc = x[rows[jj + 2], c0:c1]
+                xd = x[rows[jj + 3], c0:c1]
+                for c in range(wd):
+                    sc = sh[c]
+                    va = np.float64(xa[c]) - sc
+                    vb = np.float64(xb[c]) - sc
+                    vc = np.float64(xc[c]) - sc
+                    vd = np.float64(xd[c]) - sc
+                    ls1[c] += (va + vb) + (vc + vd)
+                    ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+            for c in range(wd):
+                s1[c0 + c] += ls1[c]
+                s2[c0 + c] += ls2[c]
+
     @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
     def _apply_weights_numba(x, mu, w, out):  # pragma: no cover - compiled
         # parallel over pairs of rows; 2 rows x 4 masks = 8 float64 accumulators per sweep,
@@ -196,7 +226,9 @@ def stats_tprod(x, rows, t, shift, s1, s2, acc) -> None:
         return
     if _STATE["numba"]:
         q4 = q - q % 4
-        if q4:
+        if q4 and t.shape[0] == 0:
+            _col_stats_numba(x, rows[:q4], shift, s1, s2)
+        elif q4:
             _stats_tprod_numba(x, rows[:q4], np.ascontiguousarray(t[:, :q4]), shift, s1, s2,
                                acc)
         if q4 < q:  # the last 1-3 rows (numpy; keeps the compiled kernel small)
