@@ -59,7 +59,8 @@ def _libertem_runner(data: np.ndarray):
     ctx = lt.Context(executor=InlineJobExecutor())
     ds = ctx.load("memory", data=data, num_partitions=max(1, data.nbytes // (256 * 2**20)))
     masks = np.random.default_rng(1).random((16, *data.shape[2:])).astype(np.float32)
-    udf = ApplyMasksUDF(mask_factories=[(lambda i=i: masks[i]) for i in range(16)])
+    copies = [np.array(mk) for mk in masks]  # each factory carries only its own mask
+    udf = ApplyMasksUDF(mask_factories=[(lambda m_=mk: m_) for mk in copies])
 
     def run():
         ctx.run_udf(dataset=ds, udf=udf)
