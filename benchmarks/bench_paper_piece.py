@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     build_wall, build_cpu = np.min(builds, axis=0)
     npos = ny * nx
     per_slice = [v / (npos * len(slices)) for v in timings["one plane"]]
-    per_plane = [max(0.0, (b - a) / (npos * (len(planes) - 1)))
-                 for a, b in zip(timings["one plane"], timings["all planes"], strict=True)]
+    if len(planes) > 1:
+        per_plane = [max(0.0, (b - a) / (npos * (len(planes) - 1)))
+                     for a, b in zip(timings["one plane"], timings["all planes"], strict=True)]
+    else:  # a single thickness: no extra exit planes to time
+        per_plane = [0.0, 0.0]
 
     n_slices = len(full["slices"])
     n_planes = len(full["planes"])
