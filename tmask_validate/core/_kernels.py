@@ -97,7 +97,26 @@ if _HAVE_NUMBA:
                     y3[c] = vd
                     ls1[c] += (va + vb) + (vc + vd)
                     ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
-                for i in range(k):
+                for i in range(0, k - 1, 2):  # 2 templates x 4 rows per sweep
+                    t0 = t[i, jj]
+                    t1 = t[i, jj + 1]
+                    t2 = t[i, jj + 2]
+                    t3 = t[i, jj + 3]
+                    u0 = t[i + 1, jj]
+                    u1 = t[i + 1, jj + 1]
+                    u2 = t[i + 1, jj + 2]
+                    u3 = t[i + 1, jj + 3]
+                    la = lacc[i]
+                    lb = lacc[i + 1]
+                    for c in range(wd):
+                        ya = y0[c]
+                        yb = y1[c]
+                        yc = y2[c]
+                        yd = y3[c]
+                        la[c] += (t0 * ya + t1 * yb) + (t2 * yc + t3 * yd)
+                        lb[c] += (u0 * ya + u1 * yb) + (u2 * yc + u3 * yd)
+                if k % 2:
+                    i = k - 1
                     t0 = t[i, jj]
                     t1 = t[i, jj + 1]
                     t2 = t[i, jj + 2]
