@@ -41,6 +41,7 @@ __all__ = [
     "sweep_thickness",
     "sweep_dose",
     "dataset_overview",
+    "mask_similarity_plot",
 ]
 
 
@@ -476,4 +477,42 @@ def sweep_dose(metrics: pd.DataFrame, structure: str, *, thickness_nm: float | N
     cap = (f"{structure} at {thickness_nm:.1f} nm: left, CNR of the {light} columns vs dose "
            "(dotted: noiseless value); right, specificity of the binary PCC template images "
            "vs dose.")
+    return fig, cap
+
+
+def mask_similarity_plot(similarity: pd.DataFrame, structure: str):
+    """Stability of the binary PCC masks: Pearson r between masks at adjacent thicknesses
+    (noiseless) and between noisy and noiseless masks at the same thickness, vs dose."""
+    s = similarity[similarity["structure"] == structure]
+    s = s[s["name"].str.startswith("tm_pcc_binary_")]
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4))
+    th = s[(s["comparison"] == "thickness") & (s["dose_key_a"] == "noiseless")]
+    ts = sorted(set(th["thickness_config_nm_a"]) | set(th["thickness_config_nm_b"]))
+    adj = {(a, b) for a, b in zip(ts[:-1], ts[1:], strict=True)}
+    keep = np.array([(a, b) in adj for a, b in zip(th["thickness_config_nm_a"],
+                                                    th["thickness_config_nm_b"], strict=True)],
+                    dtype=bool)
+    th = th.loc[keep] if len(th) else th
+    for name, g in th.groupby("name"):
+        g = g.sort_values("thickness_config_nm_b")
+        mid = (g["thickness_config_nm_a"] + g["thickness_config_nm_b"]) / 2
+        axs[0].plot(mid, g["value"], "o-", label=name.replace("tm_pcc_binary_", ""))
+    axs[0].set_xlabel("thickness (nm, mid-point of adjacent pair)")
+    axs[0].set_ylabel("mask r (adjacent thicknesses)")
+    if axs[0].get_legend_handles_labels()[0]:
+        axs[0].legend(fontsize=7)
+    dv = s[s["comparison"] == "dose_vs_noiseless"].copy()
+    dv["dose"] = pd.to_numeric(dv["dose_key_b"].str.lstrip("d"), errors="coerce")
+    for name, g in dv.groupby("name"):
+        g = g.groupby("dose")["value"].mean().sort_index()
+        axs[1].plot(g.index, g.values, "o-", label=name.replace("tm_pcc_binary_", ""))
+    axs[1].set_xscale("log")
+    axs[1].set_xlabel("dose (e-/Å²)")
+    axs[1].set_ylabel("mask r (noisy vs noiseless), mean over thickness")
+    if axs[1].get_legend_handles_labels()[0]:
+        axs[1].legend(fontsize=7)
+    fig.suptitle(f"{structure}: stability of the binary PCC masks", fontsize=9)
+    cap = (f"{structure}: Pearson r between binary PCC masks of each column type at adjacent "
+           "thicknesses (noiseless, left) and between the noisy and noiseless masks at the same "
+           "thickness, averaged over thickness, vs dose (right).")
     return fig, cap

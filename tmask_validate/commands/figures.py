@@ -27,6 +27,7 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--analysis-dir", required=True, help="results/analysis")
     p.add_argument("--metrics", required=True, help="results/metrics/metrics.csv")
+    p.add_argument("--similarity", default=None, help="results/metrics/mask_similarity.csv")
     p.add_argument("--config", default=None, help="config YAML (figure options, builders)")
     p.add_argument("--out-dir", required=True, help="output folder (results/figures)")
     p.set_defaults(func=run)
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     dsets = _datasets(Path(args.analysis_dir))
     metrics = pd.read_csv(args.metrics, keep_default_na=False, na_values=[""])
+    sim = pd.read_csv(args.similarity, keep_default_na=False, na_values=[""]) if (
+        args.similarity) else None
     for structure, g in dsets.groupby("structure", sort=True):
         builder = _builder(cfg, structure, g["labels"].iloc[0])
         noiseless = g[g["dose_key"] == "noiseless"]
@@ -105,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
             if (g["dose_key"] != "noiseless").any():
                 emit(f"sweep_dose_{structure}", plots.sweep_dose(metrics, structure),
                      f"{structure}/thickest")
+        if sim is not None and sim["structure"].eq(structure).any():
+            emit(f"mask_stability_{structure}", plots.mask_similarity_plot(sim, structure),
+                 f"{structure}/all")
     tmp = out / f".figures.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(out / "figures.json")

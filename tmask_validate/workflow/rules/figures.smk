@@ -20,5 +20,5 @@ rule figures:
         runtime=res("figures")["runtime"],
     shell:
         "tmask-validate figures --config {params.config} --analysis-dir "
-        + str(R / "analysis") + " --metrics {input.metrics} --out-dir "
+        + str(R / "analysis") + " --metrics {input.metrics} --similarity {input.similarity} --out-dir "
         + str(R / "figures") + " > {log} 2>&1"
