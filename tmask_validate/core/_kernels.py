@@ -63,7 +63,8 @@ if _HAVE_NUMBA:
     def _stats_tprod_numba(x, rows, t, shift, s1, s2, acc):  # pragma: no cover - compiled
         # parallel over column blocks: each block's float64 accumulators (k x COL_BLOCK) stay
         # in cache and belong to one thread; rows are taken 4 at a time so each accumulator
-        # load/store serves 4 multiply-adds.  The caller passes a multiple of 4 rows.
+        # load/store serves 4 multiply-adds.  The caller passes a multiple of 4 rows and
+        # k >= 1 templates (k == 0 goes to _col_stats_numba).
         n = x.shape[1]
         k = t.shape[0]
         q = rows.shape[0]
@@ -85,6 +86,12 @@ if _HAVE_NUMBA:
                 xb = x[rows[jj + 1], c0:c1]
                 xc = x[rows[jj + 2], c0:c1]
                 xd = x[rows[jj + 3], c0:c1]
+                # template 0 is fused into the statistics sweep; the others use the buffer
+                p0 = t[0, jj]
+                p1 = t[0, jj + 1]
+                p2 = t[0, jj + 2]
+                p3 = t[0, jj + 3]
+                lz = lacc[0]
                 for c in range(wd):
                     sc = sh[c]
                     va = np.float64(xa[c]) - sc
@@ -97,7 +104,8 @@ if _HAVE_NUMBA:
                     y3[c] = vd
                     ls1[c] += (va + vb) + (vc + vd)
                     ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
-                for i in range(0, k - 1, 2):  # 2 templates x 4 rows per sweep
+                    lz[c] += (p0 * va + p1 * vb) + (p2 * vc + p3 * vd)
+                for i in range(1, k - 1, 2):  # 2 templates x 4 rows per sweep
                     t0 = t[i, jj]
                     t1 = t[i, jj + 1]
                     t2 = t[i, jj + 2]
@@ -115,7 +123,7 @@ if _HAVE_NUMBA:
                         yd = y3[c]
                         la[c] += (t0 * ya + t1 * yb) + (t2 * yc + t3 * yd)
                         lb[c] += (u0 * ya + u1 * yb) + (u2 * yc + u3 * yd)
-                if k % 2:
+                if k % 2 == 0:
                     i = k - 1
                     t0 = t[i, jj]
                     t1 = t[i, jj + 1]
