@@ -241,11 +241,22 @@ def partial_window(
 
 
 def _min_dist_A(points_A: np.ndarray, sites_yx_A: np.ndarray, period_A) -> np.ndarray:
-    d = points_A[:, None, :] - sites_yx_A[None, :, :]
+    """Distance (Å) from each point to the nearest site (minimum image when periodic)."""
+    from scipy.spatial import cKDTree
+
+    pts = np.asarray(points_A, float).reshape(-1, 2)
+    ref = np.asarray(sites_yx_A, float).reshape(-1, 2)
     if period_A is not None:
         per = np.asarray(period_A, float)
-        d = d - per * np.round(d / per)
-    return np.sqrt((d**2).sum(-1)).min(axis=1)
+
+        def wrap(x):
+            x = np.mod(x, per)
+            return np.where(x >= per, 0.0, x)  # np.mod(-tiny, L) can round to L
+
+        d, _ = cKDTree(wrap(ref), boxsize=per).query(wrap(pts))
+    else:
+        d, _ = cKDTree(ref).query(pts)
+    return np.asarray(d, float)
 
 
 def control_sites(
