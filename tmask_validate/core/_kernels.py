@@ -17,6 +17,7 @@ when numba is unavailable or disabled (``TMASK_VALIDATE_NO_NUMBA=1`` or :func:`u
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -26,6 +27,10 @@ try:  # pragma: no cover - exercised implicitly
     _HAVE_NUMBA = True
 except ImportError:  # pragma: no cover
     _HAVE_NUMBA = False
+
+#: serialises compiled-kernel launches: numba's fallback "workqueue" threading layer must not
+#: be entered from two Python threads at once (each launch already uses all cores).
+_LAUNCH_LOCK = threading.Lock()
 
 _STATE = {"numba": _HAVE_NUMBA and os.environ.get("TMASK_VALIDATE_NO_NUMBA", "") in ("", "0")}
 
@@ -252,16 +257,21 @@ def stats_tprod(x, rows, t, shift, s1, s2, acc) -> None:
     if q == 0:
         return
     if _STATE["numba"]:
-        q4 = q - q % 4
-        if q4 and t.shape[0] == 0:
-            _col_stats_numba(x, rows[:q4], shift, s1, s2)
-        elif q4:
-            _stats_tprod_numba(x, rows[:q4], np.ascontiguousarray(t[:, :q4]), shift, s1, s2,
-                               acc)
-        if q4 < q:  # the last 1-3 rows (numpy; keeps the compiled kernel small)
-            _stats_tprod_numpy(x, rows[q4:], t[:, q4:], shift, s1, s2, acc)
+        with _LAUNCH_LOCK:
+            _stats_tprod_dispatch(x, rows, t, shift, s1, s2, acc)
     else:
         _stats_tprod_numpy(x, rows, t, shift, s1, s2, acc)
+
+
+def _stats_tprod_dispatch(x, rows, t, shift, s1, s2, acc) -> None:
+    q = rows.shape[0]
+    q4 = q - q % 4
+    if q4 and t.shape[0] == 0:
+        _col_stats_numba(x, rows[:q4], shift, s1, s2)
+    elif q4:
+        _stats_tprod_numba(x, rows[:q4], np.ascontiguousarray(t[:, :q4]), shift, s1, s2, acc)
+    if q4 < q:  # the last 1-3 rows (numpy; keeps the compiled kernel small)
+        _stats_tprod_numpy(x, rows[q4:], t[:, q4:], shift, s1, s2, acc)
 
 
 def apply_weights(x, mu, w, out) -> None:
@@ -273,7 +283,8 @@ def apply_weights(x, mu, w, out) -> None:
     if _STATE["numba"]:
         r2 = x.shape[0] - x.shape[0] % 2
         if r2:
-            _apply_weights_numba(x[:r2], mu, w, out[:r2])
+            with _LAUNCH_LOCK:
+                _apply_weights_numba(x[:r2], mu, w, out[:r2])
         if r2 < x.shape[0]:  # odd last row (numpy; keeps the compiled kernel small)
             _apply_weights_numpy(x[r2:], mu, w, out[r2:])
     else:
