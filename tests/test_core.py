@@ -449,3 +449,17 @@ def test_angular_profiles(tiny_data):
     np.testing.assert_allclose(prof["mean_intensity"], ref_D(tiny_data).mean(0)[order])
     assert np.all(np.diff(prof["angle_mrad"]) >= 0)
     assert prof["angle_mrad"].shape == (24,)
+
+
+def test_concurrent_calls_from_threads_agree():
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = make_tiny_data(np.float32, shape=(9, 8, 6, 5))
+    tmpl = make_template((9, 8), k=2)
+    want = core.template_mask_image(data, tmpl)
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda _: core.template_mask_image(data, tmpl, chunk_bytes=500),
+                          range(8)))
+    for mask, img in got:
+        np.testing.assert_allclose(mask, want[0], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(img, want[1], rtol=1e-10, atol=1e-10)
