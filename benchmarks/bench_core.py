@@ -7,8 +7,10 @@ Usage::
     python benchmarks/bench_core.py --size-gib 0.5 --reps 5 --out benchmarks/results-core.txt
 
 The reference is one streaming read of the float32 array by BLAS, ``D @ v`` (m x n times n),
-timed in the same run (min of the repeats).  Every ratio is to that reference (for the template
-mask -- two passes -- to two reference reads).  The uint16 dataset has the same shape (half the
+timed right before every operation in the same run (min of the repeats) because the load of a
+shared machine drifts.  Every ratio is to that reference (for the template mask -- two passes
+-- to two reference reads); wall-time and process-CPU-time ratios are both printed (the CPU
+ratio is less sensitive to other processes).  The uint16 dataset has the same shape (half the
 bytes); its ratios are also to the float32 reference read, as a uint16 array has no BLAS read.
 Peak extra memory is measured with tracemalloc on a memmapped copy of the float32 dataset.
 """
@@ -28,13 +30,17 @@ import numpy as np
 from tmask_validate import core
 
 
-def _best(fn, reps: int) -> float:
+def _best(fn, reps: int) -> tuple[float, float]:
+    """Best wall time and best process CPU time (s) over ``reps`` calls."""
     best = np.inf
+    best_cpu = np.inf
     for _ in range(reps):
         t0 = time.perf_counter()
+        c0 = time.process_time()
         fn()
         best = min(best, time.perf_counter() - t0)
-    return best
+        best_cpu = min(best_cpu, time.process_time() - c0)
+    return best, best_cpu
 
 
 def _make(shape, dtype, seed=0) -> np.ndarray:
@@ -108,49 +114,54 @@ def main(argv=None) -> int:
         core.virtual_images(small, rng.random((16, a.det, a.det)))
         core.center_of_mass(small)
 
-    refs: list[float] = []
+    refs: list[tuple[float, float]] = []
 
     def ref():
         t = _best(lambda: D32 @ v, a.reps)
         refs.append(t)
         return t
 
-    rows = []  # (dataset, label, seconds, passes)
+    rows = []  # (dataset, label, (wall, cpu), passes, local reference (wall, cpu))
+
+    def measure(ds, label, fn, npass):
+        r_local = ref()  # a reference read right before each operation (load drifts)
+        rows.append((ds, label, _best(fn, a.reps), npass, r_local))
+
     for name, d in (("float32", f32), ("uint16", u16)):
-        ref()
         st = core.column_stats(d)
         for k in (1, 4, 16):
             t = rng.random((k, sy, sx))
             msk = rng.normal(size=(k, a.det, a.det))
-            rows.append((name, f"pcc_mask k={k} (pass 1)",
-                         _best(lambda t=t, d=d: core.pcc_mask(d, t), a.reps), 1))
-            rows.append((name, f"apply_mask k={k} (pass 2, stats given)",
-                         _best(lambda m_=msk, d=d, s_=st: core.apply_mask(d, m_, stats=s_),
-                               a.reps), 1))
-            rows.append((name, f"template mask+image k={k} (2 passes)",
-                         _best(lambda t=t, d=d: core.template_mask_image(d, t), a.reps), 2))
-            ref()
+            measure(name, f"pcc_mask k={k} (pass 1)", lambda t=t, d=d: core.pcc_mask(d, t), 1)
+            measure(name, f"apply_mask k={k} (pass 2, stats given)",
+                    lambda m_=msk, d=d, s_=st: core.apply_mask(d, m_, stats=s_), 1)
+            measure(name, f"template mask+image k={k} (2 passes)",
+                    lambda t=t, d=d: core.template_mask_image(d, t), 2)
+        measure(name, "column_stats (1 pass)", lambda d=d: core.column_stats(d), 1)
         vmasks = rng.random((16, a.det, a.det))
-        rows.append((name, "virtual_images k=16 (1 pass)",
-                     _best(lambda d=d, w_=vmasks: core.virtual_images(d, w_), a.reps), 1))
-        rows.append((name, "center_of_mass (1 pass)",
-                     _best(lambda d=d: core.center_of_mass(d), a.reps), 1))
-        ref()
+        measure(name, "virtual_images k=16 (1 pass)",
+                lambda d=d, w_=vmasks: core.virtual_images(d, w_), 1)
+        measure(name, "center_of_mass (1 pass)", lambda d=d: core.center_of_mass(d), 1)
         if not a.no_libertem:
             run = _libertem_runner(d)
             if run is not None:
                 run()
-                rows.append((name, "LiberTEM ApplyMasksUDF k=16 inline", _best(run, a.reps), 1))
+                measure(name, "LiberTEM ApplyMasksUDF k=16 inline (f32)", run, 1)
             elif name == "float32":
                 emit("# LiberTEM not importable: ApplyMasksUDF comparison skipped")
-    r = min(refs)
+    r = min(x[0] for x in refs)
+    rc = min(x[1] for x in refs)
     emit(f"# reference read (BLAS float32 D@v on {D32.nbytes / 2**30:.3f} GiB): best "
-         f"{r * 1e3:.1f} ms (spread over the run {min(refs) * 1e3:.1f}-{max(refs) * 1e3:.1f} ms)"
-         f" = {D32.nbytes / r / 1e9:.1f} GB/s")
-    emit(f"{'dataset':8s} {'operation':42s} {'time ms':>9s} {'x ref read':>10s} "
-         f"{'x (passes*ref)':>14s}")
-    for ds, label, t, npass in rows:
-        emit(f"{ds:8s} {label:42s} {t * 1e3:9.1f} {t / r:10.2f} {t / (npass * r):14.2f}")
+         f"{r * 1e3:.1f} ms wall / {rc * 1e3:.1f} ms CPU; spread of the per-operation "
+         f"reference reads {r * 1e3:.1f}-{max(x[0] for x in refs) * 1e3:.1f} ms"
+         f" (best = {D32.nbytes / r / 1e9:.1f} GB/s)")
+    emit("# ratio = time / (passes x reference read measured right before the operation);")
+    emit("# CPU ratio = process CPU time / (passes x CPU time of that reference read)")
+    emit(f"{'dataset':8s} {'operation':42s} {'wall ms':>8s} {'ref ms':>7s} {'ratio':>6s} "
+         f"{'CPU ms':>8s} {'CPU ratio':>9s}")
+    for ds, label, (tw, tc), npass, (rw, rcpu) in rows:
+        emit(f"{ds:8s} {label:42s} {tw * 1e3:8.1f} {rw * 1e3:7.1f} {tw / (npass * rw):6.2f} "
+             f"{tc * 1e3:8.1f} {tc / (npass * rcpu):9.2f}")
     if not a.no_memmap:
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
             path = Path(tmp) / "f32.npy"
