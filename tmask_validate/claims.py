@@ -24,8 +24,8 @@ import pandas as pd
 
 __all__ = ["evaluate_claims", "label_for", "CLAIM_COLUMNS"]
 
-CLAIM_COLUMNS = ["claim_id", "claim", "structure", "dose_key", "thickness_nm", "measured",
-                 "comparison", "threshold", "passed", "detail"]
+CLAIM_COLUMNS = ["claim_id", "claim", "dataset", "structure", "dose_key", "thickness_nm",
+                 "measured", "comparison", "threshold", "passed", "detail"]
 
 
 def label_for(labels, element: str) -> str | None:
@@ -58,7 +58,8 @@ def _specific(d: pd.DataFrame, name: str, label: str) -> tuple[float | None, boo
 
 def _row(cid, claim, key, measured, comparison, threshold, passed, detail="") -> dict:
     s, dose, t = key
-    return {"claim_id": cid, "claim": claim, "structure": s, "dose_key": dose,
+    return {"claim_id": cid, "claim": claim, "dataset": f"{s}/{dose}/{t:g} nm",
+            "structure": s, "dose_key": dose,
             "thickness_nm": t, "measured": float(measured) if measured is not None else np.nan,
             "comparison": comparison, "threshold": float(threshold),
             "passed": bool(passed), "detail": detail}
