@@ -419,6 +419,29 @@ def _normalised_chunk(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.
     return (x.astype(np.float64) - mean) * scale
 
 
+def _gram_times(data, info, v, s_all, mean, scale, chunk_bytes) -> np.ndarray:
+    """One pass: ``D̂ᵀ (D̂ v)`` (or ``D̂ᵀ s_all`` if ``v`` is None) with the compiled kernels.
+
+    Per chunk the image rows ``s_c = D̂_c v`` come from ``apply_weights`` and are folded back
+    with ``stats_tprod`` (template = ``s_c``, shift = column means), so D̂ is never formed.
+    """
+    out = np.zeros((1, info.n))
+    s1 = np.zeros(info.n)
+    s2 = np.zeros(info.n)
+    w = None if v is None else np.ascontiguousarray((v * scale)[None])
+    for r0, x in iter_row_chunks(data, info, chunk_bytes):
+        r = x.shape[0]
+        if w is None:
+            sc = np.ascontiguousarray(s_all[r0 : r0 + r][None])
+        else:
+            sc = np.empty((r, 1))
+            apply_weights(x, mean, w, sc)
+            sc = np.ascontiguousarray(sc.T)
+        stats_tprod(x, np.arange(r, dtype=np.int64), sc, mean, s1, s2, out)
+    check_finite_result(out, s1)
+    return out[0] * scale
+
+
 def eigen_image(
     data: Any,
     *,
@@ -490,10 +513,7 @@ def eigen_image(
         if not np.all(np.isfinite(s0)):
             raise ValueError("init contains NaN or Inf")
         # starting mask r0 = D̂ᵀ s0 (one pass)
-        v = np.zeros(info.n)
-        for r0, x in iter_row_chunks(data, info, chunk_bytes):
-            y = _normalised_chunk(x, mean, scale)
-            v += s0[r0 : r0 + x.shape[0]] @ y
+        v = _gram_times(data, info, None, s0, mean, scale, chunk_bytes)
         lam = 0.0
         for _ in range(n_iter):
             nv = np.linalg.norm(v)
@@ -502,10 +522,7 @@ def eigen_image(
             if nv == 0:
                 break
             v = v / nv
-            gv = np.zeros(info.n)
-            for _, x in iter_row_chunks(data, info, chunk_bytes):
-                y = _normalised_chunk(x, mean, scale)
-                gv += (y @ v) @ y
+            gv = _gram_times(data, info, v, None, mean, scale, chunk_bytes)
             check_finite_result(gv)
             new_lam = float(v @ gv)
             done = abs(new_lam - lam) <= tol * max(abs(new_lam), np.finfo(float).tiny)
