@@ -162,7 +162,9 @@ class SlurmCluster:
         Directory for every file of the cluster. Use a fresh temporary directory; the munge socket
         path must stay short (< ~100 characters).
     cpus
-        CPUs of the node; default ``os.cpu_count()``.
+        CPUs of the node; default ``os.cpu_count()``. More than the machine has is allowed
+        (``SlurmdParameters=config_overrides``): SLURM then oversubscribes the real cores, which
+        suits tests whose jobs mostly wait on Python start-up.
     real_memory_mb
         Memory of the node; default 90 % of MemTotal (SLURM drains a node that declares more than
         it has).
@@ -227,6 +229,8 @@ class SlurmCluster:
             "SlurmctldTimeout=30",
             "SlurmdTimeout=60",
             "InactiveLimit=0",
+            *(["SlurmdParameters=config_overrides"]
+              if self.cpus > (os.cpu_count() or 1) else []),
             "KillWait=5",
             "Waittime=0",
             f"NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={self.cpus} "
