@@ -34,7 +34,8 @@ _LAUNCH_LOCK = threading.Lock()
 
 _STATE = {"numba": _HAVE_NUMBA and os.environ.get("TMASK_VALIDATE_NO_NUMBA", "") in ("", "0")}
 
-#: columns per work item of ``stats_tprod`` (ybuf + k accumulators stay in L1/L2)
+#: columns per work item of ``stats_tprod`` (row buffers + k accumulators stay in L1/L2);
+#: longer runs (2x) for the statistics-only and few-template cases, measured faster
 COL_BLOCK = 512
 
 
@@ -65,26 +66,26 @@ if _HAVE_NUMBA:
     _FM = {"reassoc", "contract", "nsz", "arcp"}
 
     @njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
-    def _stats_tprod_numba(x, rows, t, shift, s1, s2, acc):  # pragma: no cover - compiled
-        # parallel over column blocks: each block's float64 accumulators (k x COL_BLOCK) stay
+    def _stats_tprod_numba(x, rows, t, shift, s1, s2, acc, cb):  # pragma: no cover - compiled
+        # parallel over column blocks: each block's float64 accumulators (k x cb) stay
         # in cache and belong to one thread; rows are taken 4 at a time so each accumulator
         # load/store serves 4 multiply-adds.  The caller passes a multiple of 4 rows and
         # k >= 1 templates (k == 0 goes to _col_stats_numba).
         n = x.shape[1]
         k = t.shape[0]
         q = rows.shape[0]
-        nb = (n + COL_BLOCK - 1) // COL_BLOCK
+        nb = (n + cb - 1) // cb
         for b in prange(nb):
-            c0 = b * COL_BLOCK
-            c1 = min(n, c0 + COL_BLOCK)
+            c0 = b * cb
+            c1 = min(n, c0 + cb)
             wd = c1 - c0
-            y0 = np.empty(COL_BLOCK, dtype=np.float64)
-            y1 = np.empty(COL_BLOCK, dtype=np.float64)
-            y2 = np.empty(COL_BLOCK, dtype=np.float64)
-            y3 = np.empty(COL_BLOCK, dtype=np.float64)
-            ls1 = np.zeros(COL_BLOCK, dtype=np.float64)
-            ls2 = np.zeros(COL_BLOCK, dtype=np.float64)
-            lacc = np.zeros((k, COL_BLOCK), dtype=np.float64)
+            y0 = np.empty(cb, dtype=np.float64)
+            y1 = np.empty(cb, dtype=np.float64)
+            y2 = np.empty(cb, dtype=np.float64)
+            y3 = np.empty(cb, dtype=np.float64)
+            ls1 = np.zeros(cb, dtype=np.float64)
+            ls2 = np.zeros(cb, dtype=np.float64)
+            lacc = np.zeros((k, cb), dtype=np.float64)
             sh = shift[c0:c1]
             for jj in range(0, q - 3, 4):
                 xa = x[rows[jj], c0:c1]
@@ -145,17 +146,17 @@ if _HAVE_NUMBA:
                     acc[i, c0 + c] += lacc[i, c]
 
     @njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
-    def _col_stats_numba(x, rows, shift, s1, s2):  # pragma: no cover - compiled
+    def _col_stats_numba(x, rows, shift, s1, s2, cb):  # pragma: no cover - compiled
         # stats-only variant of _stats_tprod_numba (no row buffer): ~1.4x faster
         n = x.shape[1]
         q = rows.shape[0]
-        nb = (n + COL_BLOCK - 1) // COL_BLOCK
+        nb = (n + cb - 1) // cb
         for b in prange(nb):
-            c0 = b * COL_BLOCK
-            c1 = min(n, c0 + COL_BLOCK)
+            c0 = b * cb
+            c1 = min(n, c0 + cb)
             wd = c1 - c0
-            ls1 = np.zeros(COL_BLOCK, dtype=np.float64)
-            ls2 = np.zeros(COL_BLOCK, dtype=np.float64)
+            ls1 = np.zeros(cb, dtype=np.float64)
+            ls2 = np.zeros(cb, dtype=np.float64)
             sh = shift[c0:c1]
             for jj in range(0, q - 3, 4):
                 xa = x[rows[jj], c0:c1]
@@ -267,9 +268,11 @@ def _stats_tprod_dispatch(x, rows, t, shift, s1, s2, acc) -> None:
     q = rows.shape[0]
     q4 = q - q % 4
     if q4 and t.shape[0] == 0:
-        _col_stats_numba(x, rows[:q4], shift, s1, s2)
+        _col_stats_numba(x, rows[:q4], shift, s1, s2, 2 * COL_BLOCK)
     elif q4:
-        _stats_tprod_numba(x, rows[:q4], np.ascontiguousarray(t[:, :q4]), shift, s1, s2, acc)
+        cb = 2 * COL_BLOCK if t.shape[0] <= 2 else COL_BLOCK
+        _stats_tprod_numba(x, rows[:q4], np.ascontiguousarray(t[:, :q4]), shift, s1, s2, acc,
+                           cb)
     if q4 < q:  # the last 1-3 rows (numpy; keeps the compiled kernel small)
         _stats_tprod_numpy(x, rows[q4:], t[:, q4:], shift, s1, s2, acc)
 
