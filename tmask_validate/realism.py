@@ -234,15 +234,16 @@ def analyse_experiment(mib: str | Path, calibration: str | Path, library_store: 
 
 
 def align_mask(mask: np.ndarray, center_px: Sequence[float], target_shape: Sequence[int],
-               target_center_px: Sequence[float]) -> np.ndarray:
+               target_center_px: Sequence[float], *, order: int = 3) -> np.ndarray:
     """Resample a mask onto another detector grid of the same mrad/px (centres aligned).
 
-    Pixels that fall outside the source grid are NaN (ignored by
+    Cubic-spline interpolation (``order``). Pixels that fall outside the source grid are NaN
+    (ignored by
     :func:`tmask_validate.metrics.mask_similarity`).
     """
     d = np.asarray(center_px, float) - np.asarray(target_center_px, float)
     yy, xx = np.mgrid[: int(target_shape[0]), : int(target_shape[1])].astype(float)
-    return ndimage.map_coordinates(np.asarray(mask, float), [yy + d[0], xx + d[1]], order=1,
+    return ndimage.map_coordinates(np.asarray(mask, float), [yy + d[0], xx + d[1]], order=order,
                                    mode="constant", cval=np.nan)
 
 

@@ -16,8 +16,9 @@ uses that to build a larger, imperfect field of view the way a microscope record
 3. **Descan.** Every pattern is shifted on the detector by
    ``offset_px + M @ (y_nominal, x_nominal)`` pixels (``M = descan_px_per_A``, 2x2, rows
    ``(ky, kx)``, columns ``(y, x)`` in px per Å): the descan follows the *scan coils*, i.e. the
-   nominal probe position, not the drifted one. Sub-pixel shifts use linear interpolation
-   (``scipy.ndimage.shift``, ``order=1``, zeros enter at the edges).
+   nominal probe position, not the drifted one. Sub-pixel shifts use cubic-spline interpolation
+   (``scipy.ndimage.shift``, ``order=3``, zeros enter at the edges, negative overshoot clipped;
+   ``descan_order=1`` for linear).
 4. **Dose.** Poisson counts with expectation ``dose · sy · sx · I`` per pixel (abTEM intensities
    are fractions of the probe; electrons per probe = dose × scan-step area, as in
    :mod:`tmask_validate.noise`), clipped to ``2**bit_depth − 1`` (the saturated fraction is
@@ -216,6 +217,7 @@ def make_experiment(
     bit_depth: int = 12,
     sites_one_cell: pd.DataFrame | None = None,
     rows_per_block: int = 8,
+    descan_order: int = 3,
 ) -> tuple[np.ndarray, dict]:
     """A noisy, drifted, descanned multi-cell 4D-STEM "experiment" from one-cell simulated data.
 
@@ -247,6 +249,11 @@ def make_experiment(
         One-cell site table (``label, y_A, x_A, ...``, cell frame); gives ``truth["sites"]``.
     rows_per_block : int
         Scan rows built at a time (memory: block × sx × ky × kx float64).
+    descan_order : int
+        Spline order of the sub-pixel descan shift (``scipy.ndimage.shift``): 3 (default) keeps
+        the pattern sharp (a linear shift by half a pixel averages neighbouring pixels, a blur a
+        real descan does not cause); 1 = linear (no overshoot at the disc edge). Negative
+        overshoots are clipped to 0.
 
     Returns
     -------
@@ -291,7 +298,7 @@ def make_experiment(
             for j in range(sx):
                 dky, dkx = shifts[0, r0 + i, j], shifts[1, r0 + i, j]
                 if dky != 0 or dkx != 0:
-                    blk[i, j] = np.clip(ndimage.shift(blk[i, j], (dky, dkx), order=1,
+                    blk[i, j] = np.clip(ndimage.shift(blk[i, j], (dky, dkx), order=descan_order,
                                                       mode="constant", cval=0.0), 0, None)
         if noiseless:
             out[r0:r1] = blk
