@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from ._kernels import moments
 from ._pcc import _check_masks, _pass_apply
-from ._stream import check_data
+from ._stream import check_data, check_finite_result, iter_row_chunks
 
 
 def _pair(value: Any, name: str) -> tuple[float, float]:
@@ -155,12 +156,13 @@ def virtual_images(
 
 # ----------------------------------------------------------------------------- CoM / iCoM
 def _com_moments(data: Any, chunk_bytes: int | None):
+    """One pass: per-pattern total, Σ ky·x and Σ kx·x (detector index units), (3, m)."""
     info = check_data(data)
-    ky, kx = info.det_shape
-    iy, ix = np.meshgrid(np.arange(ky, dtype=float), np.arange(kx, dtype=float), indexing="ij")
-    w = np.stack([np.ones(info.n), iy.reshape(-1), ix.reshape(-1)])
-    mom = _pass_apply(data, info, w, np.zeros(info.n), chunk_bytes)
-    return info, mom
+    mom = np.empty((info.m, 3))
+    for r0, x in iter_row_chunks(data, info, chunk_bytes):
+        moments(x, info.det_shape, mom[r0 : r0 + x.shape[0]])
+    check_finite_result(mom)
+    return info, np.ascontiguousarray(mom.T)
 
 
 def center_of_mass(

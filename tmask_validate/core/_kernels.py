@@ -248,6 +248,45 @@ if _HAVE_NUMBA:
                 i += 1
 
 
+    @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
+    def _run_sums_numba(x, starts, labels, out_lab):  # pragma: no cover - compiled
+        # out_lab[j, labels[q]] += sum of x[j, starts[q]:starts[q + 1]]
+        r = x.shape[0]
+        nr = labels.shape[0]
+        for j in prange(r):
+            xr = x[j]
+            for q in range(nr):
+                s = 0.0
+                for c in range(starts[q], starts[q + 1]):
+                    s += np.float64(xr[c])
+                out_lab[j, labels[q]] += s
+
+    @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
+    def _moments_numba(x, kyn, kxn, out):  # pragma: no cover - compiled
+        # out[j] = (sum x, sum ky*x, sum kx*x) with ky, kx the detector row/column indices
+        r = x.shape[0]
+        for j in prange(r):
+            xr = x[j]
+            colsum = np.zeros(kxn, dtype=np.float64)
+            tot = 0.0
+            my = 0.0
+            for a in range(kyn):
+                o = a * kxn
+                rs = 0.0
+                for b in range(kxn):
+                    v = np.float64(xr[o + b])
+                    rs += v
+                    colsum[b] += v
+                tot += rs
+                my += a * rs
+            mx = 0.0
+            for b in range(kxn):
+                mx += b * colsum[b]
+            out[j, 0] = tot
+            out[j, 1] = my
+            out[j, 2] = mx
+
+
 def stats_tprod(x, rows, t, shift, s1, s2, acc) -> None:
     """Accumulate column sums/sums of squares of ``x[rows] - shift`` and ``t @ (x[rows]-shift)``.
 
@@ -294,4 +333,34 @@ def apply_weights(x, mu, w, out) -> None:
         _apply_weights_numpy(x, mu, w, out)
 
 
-__all__ = ["apply_weights", "stats_tprod", "use_numba"]
+def run_sums(x, starts, labels, nlab, out) -> None:
+    """``out[j] = (per-label sums of x[j] over column runs) @ ...``: set ``out`` (r, nlab).
+
+    ``starts`` (R+1,) int64 boundaries of R contiguous column runs, ``labels`` (R,) int64 in
+    ``[0, nlab)``.  Float64 accumulation.
+    """
+    out[...] = 0.0
+    if _STATE["numba"]:
+        with _LAUNCH_LOCK:
+            _run_sums_numba(x, starts, labels, out)
+    else:
+        lab_of_col = np.repeat(labels, np.diff(starts))
+        xs = x.astype(np.float64)
+        for lab in range(nlab):
+            out[:, lab] = xs[:, lab_of_col == lab].sum(axis=1)
+
+
+def moments(x, det_shape, out) -> None:
+    """Set ``out[j] = (Σ x, Σ ky x, Σ kx x)`` for each row (pattern), detector index units."""
+    kyn, kxn = det_shape
+    if _STATE["numba"]:
+        with _LAUNCH_LOCK:
+            _moments_numba(x, kyn, kxn, out)
+    else:
+        xs = x.astype(np.float64).reshape(x.shape[0], kyn, kxn)
+        out[:, 0] = xs.sum(axis=(1, 2))
+        out[:, 1] = xs.sum(axis=2) @ np.arange(kyn, dtype=np.float64)
+        out[:, 2] = xs.sum(axis=1) @ np.arange(kxn, dtype=np.float64)
+
+
+__all__ = ["apply_weights", "moments", "run_sums", "stats_tprod", "use_numba"]

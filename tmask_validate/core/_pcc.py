@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._kernels import apply_weights, stats_tprod
+from ._kernels import apply_weights, run_sums, stats_tprod
 from ._stream import DataInfo, check_data, check_finite_result, iter_row_chunks
 
 NORMALISATIONS = ("pcc", "mean")
@@ -220,15 +220,55 @@ def _weights_for(w: np.ndarray, stats: ColumnStats, normalisation: str) -> np.nd
     return np.ascontiguousarray(w * scale)
 
 
+#: few-valued masks (e.g. binary virtual detectors) use column runs when there are at most
+#: this many distinct per-pixel weight vectors and runs are this long on average
+RUN_MAX_LABELS = 256
+RUN_MIN_MEAN_LENGTH = 8
+
+
+def _run_plan(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Column runs for masks with few distinct per-pixel weight vectors, else None.
+
+    Returns ``(starts, labels, unique_weights)`` such that ``x @ w.T`` equals
+    ``(per-label run sums of x) @ unique_weights`` -- exact up to summation order, with one
+    addition per data element whatever the number of masks.
+    """
+    k, n = w.shape
+    if n < 2 * RUN_MIN_MEAN_LENGTH:
+        return None
+    uniq, inverse = np.unique(w.T, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if uniq.shape[0] > RUN_MAX_LABELS:
+        return None
+    change = np.flatnonzero(inverse[1:] != inverse[:-1]) + 1
+    starts = np.concatenate([[0], change, [n]]).astype(np.int64)
+    if n / (starts.size - 1) < RUN_MIN_MEAN_LENGTH:
+        return None
+    labels = inverse[starts[:-1]].astype(np.int64)
+    return starts, labels, np.ascontiguousarray(uniq)
+
+
 def _pass_apply(
     data: Any, info: DataInfo, w: np.ndarray, mu: np.ndarray, chunk_bytes: int | None
 ) -> np.ndarray:
-    """One pass: ``(D - mu) @ w.T`` as (k, m) float64."""
+    """One pass: ``(D - mu) @ w.T`` as (k, m) float64.
+
+    Raw data (``mu == 0``) with few-valued masks (binary virtual detectors) go through the
+    column-run kernel; everything else through the dense multiply-add kernel.
+    """
     out = np.empty((info.m, w.shape[0]))
     w = np.ascontiguousarray(w, dtype=np.float64)
     mu = np.ascontiguousarray(mu, dtype=np.float64).reshape(-1)
-    for r0, x in iter_row_chunks(data, info, chunk_bytes):
-        apply_weights(x, mu, w, out[r0 : r0 + x.shape[0]])
+    plan = _run_plan(w) if not np.any(mu) else None
+    if plan is not None:
+        starts, labels, uniq = plan
+        for r0, x in iter_row_chunks(data, info, chunk_bytes):
+            lab = np.empty((x.shape[0], uniq.shape[0]))
+            run_sums(x, starts, labels, uniq.shape[0], lab)
+            np.matmul(lab, uniq, out=out[r0 : r0 + x.shape[0]])
+    else:
+        for r0, x in iter_row_chunks(data, info, chunk_bytes):
+            apply_weights(x, mu, w, out[r0 : r0 + x.shape[0]])
     check_finite_result(out)
     return np.ascontiguousarray(out.T)
 
