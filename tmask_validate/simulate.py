@@ -34,6 +34,7 @@ import os
 import platform
 import shutil
 import time
+import warnings
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -638,7 +639,8 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict]:
 def write_store(ds: xr.Dataset, path: str | Path) -> Path:
     """Write ``ds`` as a zarr store atomically; ``complete=True`` is set last.
 
-    Writes into ``<path>.tmp-<pid>``, marks it complete, then renames it over ``path``
+    Writes into ``<path>.tmp-<pid>``, marks it complete (and consolidates the metadata, so
+    ``xarray.open_zarr(path)`` works with its defaults), then renames it over ``path``
     (an existing store is moved aside first and removed after the rename). If anything
     fails the temporary directory is removed and ``path`` is left untouched.
     """
@@ -656,6 +658,11 @@ def write_store(ds: xr.Dataset, path: str | Path) -> Path:
         ds.to_zarr(tmp, mode="w", encoding=_encoding(ds), consolidated=False)
         group = zarr.open_group(str(tmp), mode="r+")
         group.attrs["complete"] = True
+        # consolidated metadata (written after `complete`) lets xr.open_zarr(path) open the
+        # store quietly; load_store reads the group metadata itself
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "not part of the Zarr format 3 specification"
+            zarr.consolidate_metadata(str(tmp))
         old = path.with_name(path.name + f".old-{os.getpid()}")
         if path.exists():
             path.rename(old)
