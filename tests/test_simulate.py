@@ -407,3 +407,19 @@ def test_cli_simulate_combine_noise(tmp_path):
     assert noisy.intensity.dtype == np.uint32 and noisy.attrs["dose_e_per_A2"] == 1e5
     assert main(["simulate", "--config", cfgp, "--structure", "nope", "--quiet",
                  "--out", str(tmp_path / "x.zarr")]) == 2
+
+
+def test_probe_soft_edge_profile():
+    """The aperture is 1 inside cutoff - soft_edge, a cosine taper to 0 at the cutoff."""
+    sim = {"energy_keV": 200, "semiangle_mrad": 23.5, "soft_edge_mrad": 4, "Cs_um": 3,
+           "defocus_nm": 0}
+    probe = S.make_probe(sim)
+    probe.gpts, probe.extent = (256, 256), (60.0, 60.0)
+    dp = probe.build().diffraction_patterns(max_angle=40, fftshift=True)
+    a = np.asarray(dp.array)
+    row = a[a.shape[0] // 2, a.shape[1] // 2:] / a[a.shape[0] // 2, a.shape[1] // 2]
+    k = np.arange(row.size) * dp.angular_sampling[1]
+    amp = 0.5 * (1 + np.cos(np.pi * np.clip((k - 19.5) / 4.0, 0, 1)))
+    sel = k < 30
+    assert np.allclose(row[sel], amp[sel] ** 2, atol=1e-5)
+    assert row[(k > 21) & (k < 22)].max() < 0.5  # really tapered, not a one-pixel edge
