@@ -475,16 +475,26 @@ def test_binary_virtual_detectors_run_path(dtype, backend):
                                                    "adf": (14, 99), "ring": (8, 16)},
                                         center_px=(23.5, 40.2))
     w = np.stack([m.reshape(-1) for m in masks.values()]).astype(float)
+    w = np.concatenate([w, w[::-1]])  # 8 masks: enough for the run path
     assert _run_plan(w) is not None
+    assert _run_plan(w[:4]) is None  # few masks: dense kernel
     assert _run_plan(np.random.default_rng(0).random(w.shape)) is None
+    masks = {**masks, **{f"{k}2": v for k, v in masks.items()}}
     got = core.virtual_images(data, masks)
     for name, m in masks.items():
         want = (data.astype(np.float64) * m).sum(axis=(2, 3))
         np.testing.assert_allclose(got[name], want, rtol=1e-13, err_msg=name)
-    weighted = np.stack([2.5 * masks["abf"] - masks["bf"], 0.5 * masks["adf"]])
+    weighted = np.stack([2.5 * masks["abf"] - masks["bf"], 0.5 * masks["adf"]] * 4)
     np.testing.assert_allclose(core.apply_mask(data, weighted, normalised=False),
                                ref_apply(data, weighted, normalised=False), rtol=1e-12,
                                atol=1e-12)
+    if np.dtype(dtype).kind == "f":
+        bad = data.copy()
+        bad[2, 1, 0, 0] = np.nan  # one bad pixel in one pattern
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            core.virtual_images(bad, masks)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            core.center_of_mass(bad)
     com = core.center_of_mass(data, chunk_bytes=3000)
     use = core.use_numba()
     core.use_numba(not use)

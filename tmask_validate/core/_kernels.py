@@ -250,16 +250,29 @@ if _HAVE_NUMBA:
 
     @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
     def _run_sums_numba(x, starts, labels, out_lab):  # pragma: no cover - compiled
-        # out_lab[j, labels[q]] += sum of x[j, starts[q]:starts[q + 1]]
+        # out_lab[j, labels[q]] += sum of x[j, starts[q]:starts[q + 1]]; four accumulator
+        # chains (runs are short, so a vectorised reduction would mostly run its tail)
         r = x.shape[0]
         nr = labels.shape[0]
         for j in prange(r):
             xr = x[j]
             for q in range(nr):
-                s = 0.0
-                for c in range(starts[q], starts[q + 1]):
-                    s += np.float64(xr[c])
-                out_lab[j, labels[q]] += s
+                c = starts[q]
+                e = starts[q + 1]
+                s0 = 0.0
+                s1 = 0.0
+                s2 = 0.0
+                s3 = 0.0
+                while c + 8 <= e:
+                    s0 += np.float64(xr[c]) + np.float64(xr[c + 4])
+                    s1 += np.float64(xr[c + 1]) + np.float64(xr[c + 5])
+                    s2 += np.float64(xr[c + 2]) + np.float64(xr[c + 6])
+                    s3 += np.float64(xr[c + 3]) + np.float64(xr[c + 7])
+                    c += 8
+                while c < e:
+                    s0 += np.float64(xr[c])
+                    c += 1
+                out_lab[j, labels[q]] += (s0 + s1) + (s2 + s3)
 
     @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
     def _moments_numba(x, kyn, kxn, out):  # pragma: no cover - compiled

@@ -220,8 +220,10 @@ def _weights_for(w: np.ndarray, stats: ColumnStats, normalisation: str) -> np.nd
     return np.ascontiguousarray(w * scale)
 
 
-#: few-valued masks (e.g. binary virtual detectors) use column runs when there are at most
-#: this many distinct per-pixel weight vectors and runs are this long on average
+#: few-valued masks (e.g. binary virtual detectors) use column runs when there are at least
+#: RUN_MIN_MASKS masks (below that the dense kernel is faster; measured), at most
+#: RUN_MAX_LABELS distinct per-pixel weight vectors and runs this long on average
+RUN_MIN_MASKS = 8
 RUN_MAX_LABELS = 256
 RUN_MIN_MEAN_LENGTH = 8
 
@@ -234,7 +236,7 @@ def _run_plan(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None
     addition per data element whatever the number of masks.
     """
     k, n = w.shape
-    if n < 2 * RUN_MIN_MEAN_LENGTH:
+    if n < 2 * RUN_MIN_MEAN_LENGTH or k < RUN_MIN_MASKS:
         return None
     uniq, inverse = np.unique(w.T, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
