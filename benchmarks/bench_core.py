@@ -139,8 +139,14 @@ def main(argv=None) -> int:
                     lambda t=t, d=d: core.template_mask_image(d, t), 2)
         measure(name, "column_stats (1 pass)", lambda d=d: core.column_stats(d), 1)
         vmasks = rng.random((16, a.det, a.det))
-        measure(name, "virtual_images k=16 (1 pass)",
+        measure(name, "virtual_images k=16 weighted (1 pass)",
                 lambda d=d, w_=vmasks: core.virtual_images(d, w_), 1)
+        step = a.det / 2 / 18
+        rings = core.virtual_detector_masks(
+            (a.det, a.det), {f"ring{i}": (i * step, (i + 3) * step) for i in range(16)},
+            center_px=(a.det / 2 - 0.5, a.det / 2 - 0.5))
+        measure(name, "virtual_images k=16 binary annular (1 pass)",
+                lambda d=d, w_=rings: core.virtual_images(d, w_), 1)
         measure(name, "center_of_mass (1 pass)", lambda d=d: core.center_of_mass(d), 1)
         if not a.no_libertem:
             run = _libertem_runner(d)
@@ -171,7 +177,7 @@ def main(argv=None) -> int:
             del mm
             data = np.load(path, mmap_mode="r")
             t16 = rng.random((16, sy, sx))
-            vm = rng.random((16, a.det, a.det))
+            vm = rng.random((16, a.det, a.det))  # weighted (dense kernel)
             tracemalloc.start()
             t0 = time.perf_counter()
             core.template_mask_image(data, t16)
