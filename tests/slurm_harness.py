@@ -16,7 +16,7 @@ Known pitfalls this harness works around (see the project's field notes):
    ``SLURM_CONF`` and puts their directory first on ``PATH`` (``sbatch --export=ALL`` carries
    ``PATH`` into the job).
 2. Without accounting ``sacct`` fails; callers must pass ``--slurm-status-command squeue`` and we
-   set ``MinJobAge=600`` so finished jobs stay visible to ``squeue``/``scontrol`` long enough.
+   set ``MinJobAge=3600`` so finished jobs stay visible to ``squeue``/``scontrol`` long enough.
 3. ``DefMemPerCPU`` is set; without it a job that requests no memory gets the whole node and the
    jobs run one after the other.
 """
@@ -224,7 +224,7 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core_Memory",
             f"DefMemPerCPU={self.def_mem_per_cpu_mb}",
-            "MinJobAge=600",
+            "MinJobAge=3600",  # finished jobs stay visible to squeue/scontrol for an hour
             "ReturnToService=2",
             "SlurmctldTimeout=30",
             "SlurmdTimeout=60",
