@@ -111,7 +111,7 @@ def write_override_profile(directory: Path, cluster: SlurmCluster) -> Path:
         "default-resources": default,
         "set-resources": set_resources,
         "set-threads": set_threads,
-        "jobs": 4,
+        "jobs": cluster.cpus,
         "latency-wait": 5,
         "retries": 0,
         "slurm-status-command": "squeue",
