@@ -191,7 +191,7 @@ def test_smoke_workflow_runs_through_slurm(slurm_cluster, tmp_path):
     """The real smoke workflow, every non-local job submitted to SLURM, outputs in tmp_path."""
     t0 = time.monotonic()
     res = run_snakemake(slurm_cluster, tmp_path, SNAKEFILE, "--configfile", str(SMOKE_CONFIG),
-                        timeout_s=900)
+                        timeout_s=800)  # < pytest-timeout (900 s): timeout -k ends it
     elapsed = time.monotonic() - t0
     assert res.returncode == 0, _failure(res, slurm_cluster, tmp_path)
     results = tmp_path / "results"
