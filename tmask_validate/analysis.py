@@ -853,13 +853,15 @@ def dataset_metrics(
     rows: list[dict] = []
     names = [str(n) for n in ads["name"].values]
     scan_shape = ads["images"].shape[1:]
+    coord_vals = {k: ads[k].values for k in _NAME_COORDS}
+    images_all = ads["images"].values
     for i, name in enumerate(names):
-        c = {k: ads[k].values[i].item() for k in _NAME_COORDS}
+        c = {k: coord_vals[k][i].item() for k in _NAME_COORDS}
         base = {"name": name, "family": c["family"], "target": c["label"],
                 "template_kind": c["template_kind"], "sigma_A": float(c["sigma_A"]),
                 "normalisation": c["normalisation"], "region": c["region"],
                 "eval_region": c["eval_region"]}
-        image = ads["images"].values[i].astype(np.float64) * float(c["polarity"])
+        image = images_all[i].astype(np.float64) * float(c["polarity"])
         s_eval, target = sites, (c["label"] or None)
         if c["family"] in ("control", "half_control"):
             key = "random" if "_random_" in name else "shift_" + name.rsplit("_", 1)[-1]
@@ -877,11 +879,12 @@ def dataset_metrics(
         except ValueError as exc:
             warnings.warn(f"metrics for {name} skipped: {exc}", stacklevel=2)
             continue
-        for rec in tab.to_dict("records"):
-            for m in _PER_LABEL:
-                if m in rec:
-                    rows.append({**base, "metric": m, "species": rec["label"],
-                                 "value": float(rec[m])})
+        labels_ = tab["label"].astype(str).tolist()
+        for m in _PER_LABEL:
+            if m in tab:
+                vals = tab[m].to_numpy(dtype=float)
+                rows.extend({**base, "metric": m, "species": lab, "value": float(v)}
+                            for lab, v in zip(labels_, vals, strict=True))
         tmpl = ads["templates"].values[i]
         if c["family"] in ("half", "half_control"):
             # held-out evaluation: compare with the unrestricted template of the same sites
