@@ -211,6 +211,8 @@ def test_bad_input(zarr_data, templates):
         parallel.pcc_mask(zarr_data, np.ones(SCAN), scheduler="sync")
     with pytest.raises(ValueError, match="normalisation"):
         parallel.apply_mask(zarr_data, np.ones(DET), normalisation="l2")
+    with pytest.raises(TypeError, match="ColumnStats"):
+        parallel.apply_mask(zarr_data, np.ones(DET), stats={"mean": 0})
     bad = np.ones((*SCAN, *DET))
     bad[3, 3, 2, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):

@@ -27,6 +27,7 @@ large offsets); everything is accumulated in float64.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,9 @@ from .core._pcc import (
     _check_masks,
     _check_normalisation,
     _check_region,
+    _check_stats,
     _check_templates,
+    _pcc_from,
     _standardise_templates,
     _weights_for,
 )
@@ -150,18 +153,8 @@ def _stats_and_products(data, template, normalisation, region, all_stats, comput
     stats = _stats_from_sums(res[1], res[2], c, count)
     all_st = stats if reg is None else (
         _stats_from_sums(res[4], res[5], c, info.m) if want_all else None)
-    std = stats.std.reshape(-1)
-    mean = stats.mean.reshape(-1)
-    acc = res[3].reshape(that.shape[0], info.n)
-    good = std > 0
-    r = np.zeros_like(acc)
-    r[:, good] = acc[:, good] / (count * std[good])
-    np.clip(r, -1.0, 1.0, out=r)
-    if normalisation == "mean":
-        good_m = good & (mean != 0)
-        r[:, ~good_m] = 0.0
-        r[:, good_m] /= mean[good_m]
-    r = r.reshape((-1, *info.det_shape))
+    products = SimpleNamespace(acc=res[3].reshape(that.shape[0], info.n), count=count)
+    r = _pcc_from(products, stats, normalisation).reshape((-1, *info.det_shape))
     return (r[0] if single else r), stats, all_st
 
 
@@ -250,8 +243,8 @@ def apply_mask(data: Any, mask: Any, *, normalised: bool = True, normalisation: 
     if normalised:
         if stats is None:
             stats = column_stats(data, **compute_kwargs)
-        elif not isinstance(stats, ColumnStats) or stats.mean.shape != info.det_shape:
-            raise ValueError(f"stats must be a ColumnStats for detector shape {info.det_shape}")
+        else:
+            stats = _check_stats(stats, info)
         wn = _weights_for(w, stats, normalisation)
         mu = stats.mean.reshape(-1)
     else:
