@@ -537,8 +537,8 @@ def eigen_image(
     mean = st.mean.reshape(-1)
     if method == "gram":
         g = np.zeros((info.n, info.n))
-        for _, x in iter_row_chunks(data, info, chunk_bytes):
-            y = _normalised_chunk(x, mean, scale)
+        for _, x in iter_row_chunks(data, info, chunk_bytes, big_views=False):
+            y = _normalised_chunk(x, mean, scale)  # float64 copy: keep chunks small
             g += y.T @ y
         check_finite_result(g)
         evals, evecs = np.linalg.eigh(g)

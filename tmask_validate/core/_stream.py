@@ -14,10 +14,19 @@ from typing import Any
 
 import numpy as np
 
+from ._kernels import use_numba
+
 #: Default number of bytes of raw data handed to a kernel at once.  Extra memory of a pass is
 #: at most a few such chunks (a copy for non-numpy inputs, a conversion for unusual dtypes)
 #: plus the float64 accumulators, well under 256 MiB.
 DEFAULT_CHUNK_BYTES = 32 * 2**20
+
+#: Rows handed to a kernel at once when the input is a zero-copy view (C-contiguous numpy or
+#: memmap of a native dtype) and no ``chunk_bytes`` is given: no memory is allocated for such
+#: a chunk, and each parallel kernel launch costs a thread barrier that on a busy machine can
+#: take a scheduler time slice (measured: 32 MiB chunks made a CoM pass 4x slower than one
+#: call).  Capped so that a memmapped file is still streamed through the page cache once.
+VIEW_CHUNK_BYTES = 512 * 2**20
 
 #: dtypes the compiled kernels read directly (few specialisations = short compile times);
 #: other real dtypes are converted per chunk: uint8 -> uint16 (exact, cheap), anything
@@ -96,13 +105,15 @@ def kernel_dtype_chunk(chunk: np.ndarray) -> np.ndarray:
 
 
 def iter_row_chunks(
-    data: Any, info: DataInfo, chunk_bytes: int | None = None
+    data: Any, info: DataInfo, chunk_bytes: int | None = None, *, big_views: bool = True
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(first_row, block)`` with ``block`` a C-contiguous ``(rows, n)`` array.
 
     Rows are rows of ``D`` (probe positions in C order).  C-contiguous numpy arrays and
-    memmaps are sliced without copying; other inputs (zarr, dask, strided numpy) are read one
-    block at a time.  Blocks hold at most ``chunk_bytes`` bytes of raw data (one row minimum).
+    memmaps are sliced without copying (blocks of :data:`VIEW_CHUNK_BYTES` unless
+    ``chunk_bytes`` is given or ``big_views`` is False, e.g. when the caller copies each block);
+    other inputs (zarr, dask, strided numpy, converted dtypes) are read one block of at most
+    ``chunk_bytes`` (default :data:`DEFAULT_CHUNK_BYTES`) raw bytes at a time (one row minimum).
     """
     if isinstance(data, list | tuple):
         data = np.asarray(data)
@@ -110,6 +121,10 @@ def iter_row_chunks(
     view = _as_2d_view(data, info)
     m = info.m
     if view is not None:
+        # (the numpy fallback kernels make float64 copies of a block: small blocks then)
+        if (chunk_bytes is None and big_views and use_numba()
+                and info.dtype.type in NATIVE_DTYPES):
+            per = rows_per_chunk(info, VIEW_CHUNK_BYTES)
         for r0 in range(0, m, per):
             yield r0, kernel_dtype_chunk(view[r0 : min(m, r0 + per)])
         return
