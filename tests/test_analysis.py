@@ -258,6 +258,7 @@ def test_workflow_keys():
     assert targets.chunk_ranges(cfg) == {"c0-2": "0:2", "c2-4": "2:4", "c4-5": "4:5"}
 
 
+@pytest.mark.slow
 def test_cli_analyse_experimental_file(tmp_path):
     """An experimental-style file (.npy + calibration YAML + sites CSV, or a config experiments
     entry) gives masks/images (.nc), the metrics CSV and a summary figure."""
