@@ -368,3 +368,66 @@ def test_ti_o_displacement_from_images_recovers_shift_field():
         o_centre = (i * ly + 0.465 + (i + 1) * ly + 0.465) / 2, j * lx + 1.952
         assert r.dy_A == pytest.approx(truth[k, 0] - o_centre[0], abs=0.02)
         assert r.dx_A == pytest.approx(truth[k, 1] - o_centre[1], abs=0.02)
+
+
+def _strained_drifted_field(scale, drift_A_per_row, step=(0.43, 0.45), shape=(112, 92),
+                            corner=(0.9, 1.3), noise=0.02):
+    """An 8 x 4 cell LiFePO4-like ADF field: lattice ``scale`` x the nominal cell, slow-scan drift.
+
+    Row ``i`` of the scan sits at ``i (step_y + dy)`` on the sample and is shifted by ``i dx``:
+    in the nominal scan frame the lattice comes out compressed along y and sheared.
+    """
+    cell = (CELL[0] * scale, CELL[1] * scale)
+    table = TOY.assign(y_A=TOY.y_A * scale, x_A=TOY.x_A * scale)
+    truth = _tile(table, cell, corner, (2 * shape[0], 2 * shape[1]), min(step))
+    row = truth.y_A / (step[0] + drift_A_per_row[0])
+    truth = truth.assign(y_A=row * step[0], x_A=truth.x_A - row * drift_A_per_row[1])
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(float)
+    yy, xx = yy * step[0], xx * step[1]
+    img = np.zeros(shape)
+    for r in truth.itertuples():
+        img += AMP[r.label] * np.exp(-((yy - r.y_A) ** 2 + (xx - r.x_A) ** 2) / (2 * 0.45**2))
+    img += noise * np.random.default_rng(3).standard_normal(shape)
+    return img, truth
+
+
+@pytest.mark.parametrize("scale, drift", [(0.955, (0.0, 0.01)), (0.955, (0.01, 0.01)),
+                                          (1.02, (0.01, -0.01))])
+def test_rotation_search_on_strained_drifted_field(scale, drift):
+    """A lattice 2-7 % off the cell guess: offsets must not split, rotation 0 must win.
+
+    Before the fix, one Fe offset split in two (5-6 positions per cell), max_basis rejected
+    every rotation near 0 and the search failed ("no crystal rotation").
+    """
+    step, shape = (0.43, 0.45), (112, 92)
+    img, truth = _strained_drifted_field(scale, drift, step, shape)
+    sites, info = sites_from_image(img, TOY, CELL, step_A=step, match_label="Fe",
+                                   rotation_deg=None)
+    assert abs((info["rotation_deg"] + 90) % 180 - 90) < 1.5
+    assert len(info["fit"]["basis"]) == 4
+    assert info["fit"]["rms"] < 0.1  # px; a wrong lattice fits at ~0.7-1.7 px
+    inner = truth[(truth.y_A > 1) & (truth.y_A < (shape[0] - 1) * step[0] - 1)
+                  & (truth.x_A > 1) & (truth.x_A < (shape[1] - 1) * step[1] - 1)]
+    _match(sites, inner, tol=0.12)
+
+
+def test_fit_lattice_merges_split_offsets():
+    """fit_lattice with a 5 % short guess finds the 4 Fe offsets, not a split fifth one."""
+    step, shape = (0.43, 0.45), (112, 92)
+    img, truth = _strained_drifted_field(0.955, (0.0, 0.0), step, shape, noise=0.0)
+    fe = truth.loc[truth.label == "Fe", ["y_A", "x_A"]].to_numpy() / np.array(step)
+    fe = fe[(fe[:, 0] >= 0) & (fe[:, 0] < shape[0]) & (fe[:, 1] >= 0) & (fe[:, 1] < shape[1])]
+    a0, b0 = np.array([CELL[0] / step[0], 0.0]), np.array([0.0, CELL[1] / step[1]])
+    _, a, b, info = fit_lattice(fe, a_guess=a0, b_guess=b0, max_basis=4, return_info=True)
+    assert len(info["basis"]) == 4
+    np.testing.assert_allclose(a, 0.955 * a0, atol=1e-6)
+    np.testing.assert_allclose(b, 0.955 * b0, atol=1e-6)
+    assert info["rms"] < 1e-6 and info["n_inliers"] == len(fe)
+
+
+def test_rotation_search_rejects_off_scale_lattice_with_a_clear_error():
+    """9 % short along y (beyond the 8 % length tolerance): no wrong lattice near 120 degrees."""
+    img, _ = _strained_drifted_field(0.955, (0.02, 0.01))
+    with pytest.raises(ValueError, match="more than 8 % off the cell"):
+        sites_from_image(img, TOY, CELL, step_A=(0.43, 0.45), match_label="Fe",
+                         rotation_deg=None)

@@ -282,6 +282,37 @@ def _assign(pos, origin, basis_mat, offsets):
     return best_ij, best_k, best_r
 
 
+def _merge_offsets(centres: np.ndarray, counts: np.ndarray, basis_mat: np.ndarray, tol: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Merge fractional cell offsets closer than ``tol`` (Cartesian, modulo the lattice).
+
+    Greedy single-seed clustering splits one spread-out cluster in two when the lattice guess
+    is a few % off (fractional coordinates drift with the distance from the origin); the two
+    centres then lie closer than ``tol``. Pairs are merged closest first into their
+    count-weighted (periodic) mean until no two centres are within ``tol``.
+    """
+    centres = [c.copy() for c in centres]
+    counts = [float(c) for c in counts]
+    while len(centres) > 1:
+        best = None
+        for i in range(len(centres)):
+            for j in range(i + 1, len(centres)):
+                df = centres[j] - centres[i]
+                df -= np.round(df)
+                d = float(np.hypot(*(df @ basis_mat)))
+                if d < tol and (best is None or d < best[0]):
+                    best = (d, i, j, df)
+        if best is None:
+            break
+        _, i, j, df = best
+        w = counts[j] / (counts[i] + counts[j])
+        merged = centres[i] + w * df
+        centres[i] = merged - np.floor(merged)
+        counts[i] += counts[j]
+        del centres[j], counts[j]
+    return np.array(centres), np.array(counts)
+
+
 def _cluster_offsets(pos, origin, basis_mat, tol):
     """Distinct positions within one cell (periodic clustering of the fractional parts)."""
     inv = np.linalg.inv(basis_mat)
@@ -299,8 +330,9 @@ def _cluster_offsets(pos, origin, basis_mat, tol):
         else:
             centres.append(fr.copy())
             counts.append(1)
-    centres_arr = np.array(centres)
-    keep = np.array(counts) >= max(1, 0.3 * max(counts))
+    centres_arr, counts_arr = _merge_offsets(np.array(centres), np.array(counts, float),
+                                             basis_mat, tol)
+    keep = counts_arr >= max(1, 0.3 * counts_arr.max())
     offs = centres_arr[keep]
     # the origin peak has fractional position 0: its cluster goes first (offset 0)
     d0 = offs - np.round(offs)
@@ -372,16 +404,19 @@ def fit_lattice(
     tol = 0.25 * scale if max_residual is None else float(max_residual)
     centre = pos.mean(axis=0)
     origin = pos[np.argmin(np.hypot(*(pos - centre).T))].copy()
-    offsets = None
     dist0 = np.hypot(*(pos - origin).T)
-    radius = 3.0 * max(np.hypot(*a), np.hypot(*b))
+    radius = 1.5 * max(np.hypot(*a), np.hypot(*b))
     used = np.zeros(len(pos), bool)
-    for _ in range(60):
+    for n_fit in range(60):
         near = dist0 <= radius
         basis_mat = np.array([a, b])
-        if offsets is None:
+        if n_fit <= 1:
+            # cluster the in-cell positions with the guess, then once more with the first
+            # least-squares lattice: with a guess a few % off (strain, drift) the first
+            # clustering can split one column's offset in two, the refined lattice merges them
             offsets = _cluster_offsets(pos[near], origin, basis_mat, tol)
-            if max_basis is not None and len(offsets) > max_basis:
+            if max_basis is not None and len(offsets) > max_basis and (
+                    n_fit == 1 or len(offsets) > 2 * max_basis):
                 raise ValueError(f"{len(offsets)} distinct positions per cell (> {max_basis}): "
                                  f"the lattice guess does not fit the peaks")
         ij, k, r = _assign(pos, origin, basis_mat, offsets)
@@ -393,9 +428,10 @@ def fit_lattice(
         coef, *_ = np.linalg.lstsq(design, pos[used], rcond=None)
         origin, a, b = coef[0], coef[1], coef[2]
         offsets = np.vstack([np.zeros(2), coef[3:]]) if len(offsets) > 1 else np.zeros((1, 2))
-        if near.all():
+        if near.all() and n_fit >= 1:
             break
-        radius *= 2.0
+        if not near.all():
+            radius *= 2.0
     # final pass: tighter, noise-based outlier cut (5 x median residual ~ 4 sigma), refit
     basis_mat = np.array([a, b])
     ij, k, r = _assign(pos, origin, basis_mat, offsets)
@@ -587,6 +623,10 @@ def map_basis(
     return df.reset_index(drop=True)
 
 
+#: rotation search: largest lattice-fit rms accepted, as a fraction of the shorter cell vector
+_MAX_RMS_FRAC = 0.05
+
+
 def _lengths_match(a, b, a0, b0, rel_tol: float = 0.08) -> bool:
     """Fitted vector lengths within ``rel_tol`` of the expected ones."""
     return bool(abs(np.hypot(*a) / np.hypot(*a0) - 1) <= rel_tol
@@ -672,7 +712,7 @@ def sites_from_image(
     pos = ref[["y_px", "x_px"]].to_numpy()
     n_cell = int((table["label"] == match_label).sum())
     if rotation_deg is None:
-        best, best_score = None, None
+        cands, off_scale = [], None
         for rot in np.arange(0.0, 180.0, 3.0):
             a0, b0 = _cell_vectors_px(cell_A, step, rot)
             try:
@@ -680,17 +720,36 @@ def sites_from_image(
                                   return_info=True)
             except ValueError:
                 continue
+            short = min(np.hypot(*a0), np.hypot(*b0))
+            if res[3]["rms"] > _MAX_RMS_FRAC * short:
+                continue  # residuals of a sizeable fraction of a cell: not this lattice
             if not _lengths_match(res[1], res[2], a0, b0):
-                continue  # the scale is known (step, cell): a lattice of other lengths is wrong
+                # the scale is known (step, cell): a lattice of other lengths is wrong
+                if off_scale is None or res[3]["rms"] < off_scale[0]:
+                    off_scale = (res[3]["rms"], np.hypot(*res[1]) * step[0],
+                                 np.hypot(*res[2]) * step[1])
+                continue
             # soft inlier count: peaks within ~3% of the shorter cell vector count fully, so a
             # loose fit of a wrong rotation (residuals ~ 0.1 cell) scores low
-            sigma = 0.03 * min(np.hypot(*a0), np.hypot(*b0))
+            sigma = 0.03 * short
             score = float(np.sum(np.exp(-0.5 * (res[3]["residuals"] / sigma) ** 2)))
-            if best_score is None or score > best_score:
-                best, best_score = (rot, res), score
-        if best is None:
-            raise ValueError("no crystal rotation makes the structure's cell fit the peaks")
-        rot, (origin, a, b, fit) = best
+            cands.append((score, res[3]["rms"], rot, res, short))
+        # an off-scale lattice that fits far better than every in-scale one means the in-scale
+        # ones are wrong lattices that happen to have the right lengths (e.g. near 120 degrees)
+        if off_scale is not None:
+            cands = [c for c in cands if c[1] <= 4.0 * off_scale[0] + 0.01 * c[4]]
+        if not cands:
+            hint = ""
+            if off_scale is not None:
+                hint = (f"; the best lattice fit (rms {off_scale[0]:.2f} px) has vectors "
+                        f"{off_scale[1]:.2f}, {off_scale[2]:.2f} Å, more than 8 % off the cell "
+                        f"{tuple(cell_A)} Å: check step_A (scan drift / calibration)")
+            raise ValueError("no crystal rotation makes the structure's cell fit the peaks"
+                             + hint)
+        # the best soft score; among (near-)equal scores the lowest-rms lattice
+        top = max(c[0] for c in cands)
+        _, _, rot, (origin, a, b, fit), _ = min((c for c in cands if c[0] >= 0.98 * top),
+                                             key=lambda c: c[1])
         # the fitted b vector (cell x axis) gives the rotation precisely
         rotation_deg = float(np.degrees(np.arctan2(b[0] * step[0], b[1] * step[1])))
     else:
