@@ -267,6 +267,38 @@ def test_zarr_simulation_store(tmp_path):
         load(tmp_path / "s.zarr", thickness_nm=6.5)
 
 
+def test_plain_zarr_arrays(tmp_path):
+    """Bare zarr arrays (dask.array.to_zarr, zarr.save_array), 4D or a frame stack."""
+    import zarr
+
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 4000, size=(3, 5, 6, 7), dtype=np.uint16)
+    da.from_array(data, chunks=(1, 5, 6, 7)).to_zarr(str(tmp_path / "d.zarr"))
+    a = load(tmp_path / "d.zarr")
+    assert a.dims == ("scan_y", "scan_x", "ky", "kx")
+    np.testing.assert_array_equal(a.values, data)
+    assert a.attrs["format"] == "zarr-array"
+    # a frame stack needs the scan shape (argument, or a scan_shape attribute)
+    zarr.save_array(str(tmp_path / "f.zarr"), data.reshape(15, 6, 7))
+    with pytest.raises(ValueError, match="scan_shape"):
+        load(tmp_path / "f.zarr")
+    np.testing.assert_array_equal(load(tmp_path / "f.zarr", scan_shape=(3, 5)).values, data)
+    cal = Calibration(step_A=(0.5, 0.4), mrad_per_px=(1.5, 1.5), center_px=(3.0, 3.5),
+                      energy_keV=200.0)
+    z = zarr.open_array(str(tmp_path / "f.zarr"), mode="r+")
+    z.attrs["scan_shape"] = [3, 5]
+    z.attrs["calibration"] = json.dumps(cal.to_dict())
+    b = load(tmp_path / "f.zarr")
+    np.testing.assert_array_equal(b.values, data)
+    assert Calibration.from_dict(json.loads(b.attrs["calibration"])) == cal
+    np.testing.assert_allclose(b.scan_x.values, np.arange(5) * 0.4)
+    with pytest.raises(ValueError, match="plain zarr array"):
+        load(tmp_path / "d.zarr", thickness_nm=3.0)
+    (tmp_path / "junk.zarr").mkdir()
+    with pytest.raises(ValueError, match="not a readable zarr store"):
+        load(tmp_path / "junk.zarr")
+
+
 # ------------------------------------------------------------------ calibration
 def test_calibration_sidecar_and_coords(tmp_path):
     data = _rng_data((2, 3, 8, 10), 12)

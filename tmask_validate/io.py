@@ -692,7 +692,13 @@ def _open_zarr(
     try:
         root = zarr.open_group(str(path), mode="r")
     except Exception as exc:  # noqa: BLE001 - any zarr failure means "not a store we can read"
-        raise ValueError(f"{path}: not a readable zarr store ({exc})") from exc
+        # a plain array store (dask.array.to_zarr, zarr.save_array): no group at the root
+        try:
+            zarr_arr = zarr.open_array(str(path), mode="r")
+        except Exception:  # noqa: BLE001
+            raise ValueError(f"{path}: not a readable zarr store ({exc})") from exc
+        return _open_zarr_array(path, zarr_arr, dataset=dataset, thickness_nm=thickness_nm,
+                                select=select)
     attrs = dict(root.attrs)
     if "array0" in list(root.array_keys()) and "metadata0" in attrs:
         return _open_abtem_zarr(path, root, attrs["metadata0"], select=select,
@@ -757,6 +763,31 @@ def _open_zarr(
         info[f"selected_{dim}"] = value
     data = v.data if isinstance(v.data, da.Array) else da.from_array(v.data)
     return data, info
+
+
+def _open_zarr_array(
+    path: Path, zarr_arr, *, dataset: str | None, thickness_nm: float | None,
+    select: dict | None,
+) -> tuple[da.Array, dict]:
+    """A bare zarr array: ``(sy, sx, ky, kx)``, ``(frames, ky, kx)`` or one ``(ky, kx)`` frame.
+
+    Array attributes ``calibration`` (JSON or mapping) and ``scan_shape`` are used when present.
+    """
+    if dataset is not None or thickness_nm is not None or select:
+        raise ValueError(f"{path}: a plain zarr array has no variables or extra dimensions; "
+                         f"dataset=/thickness_nm=/select= do not apply")
+    arr = da.from_zarr(zarr_arr)
+    if arr.ndim not in (2, 3, 4):
+        raise ValueError(f"{path}: expected a 2-4 dimensional zarr array, found shape "
+                         f"{arr.shape}")
+    attrs = dict(zarr_arr.attrs)
+    info: dict[str, Any] = {"format": "zarr-array"}
+    if "calibration" in attrs:
+        c = attrs["calibration"]
+        info["calibration"] = Calibration.from_dict(json.loads(c) if isinstance(c, str) else c)
+    if "scan_shape" in attrs and arr.ndim == 3:
+        info["scan_shape"] = (_check_scan_shape(attrs["scan_shape"]), "file attributes")
+    return arr, info
 
 
 def electron_wavelength_A(energy_eV: float) -> float:
