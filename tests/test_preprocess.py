@@ -170,3 +170,41 @@ def test_real_fpd_centre_and_bad_pixels():
     assert rep["bad"].shape == (256, 256) and rep["bad"].mean() < 0.01
     out = descan_correct(arr)
     assert out.shape == arr.shape and out.dtype == arr.dtype
+
+
+def _hard_disc_patterns(sy=4, sx=5, n=64, radius=11.3, centre=(31.2, 32.7), shift_px=0.37,
+                        intensity=1.0e6):
+    """Noise-free patterns of a hard-edged BF disc (moving by ``shift_px`` per scan step) on a
+    weak, broad dark-field halo: the disc edge is a one-pixel step at every dose."""
+    ky, kx = np.mgrid[:n, :n].astype(float)
+    out = np.zeros((sy, sx, n, n))
+    for i in range(sy):
+        for j in range(sx):
+            r = np.hypot(ky - centre[0] - shift_px * i, kx - centre[1] - shift_px * j)
+            out[i, j] = intensity * ((r < radius) + 1e-3 * np.exp(-r**2 / 450.0) + 1e-4)
+    return out
+
+
+@pytest.mark.parametrize("shift_px", [0.0, 0.37])
+def test_bad_pixels_no_false_positives_at_sharp_disc_edge(shift_px):
+    """Corners of a pixelated disc sticking out into the dark field are not hot pixels.
+
+    Before the fix (local-median test only), 3 (static disc) and 6 (moving disc) edge pixels
+    were flagged hot, noise-free and at 1e6 counts per pixel alike.
+    """
+    clean = _hard_disc_patterns(shift_px=shift_px)
+    noisy = np.random.default_rng(5).poisson(clean).astype(np.uint32)
+    for data in (clean, noisy):
+        rep = bad_pixel_report(data)
+        assert rep["n_hot"] == 0 and rep["n_dead"] == 0 and not rep["bad"].any()
+    # planted hot pixels are still found: isolated in the dark field, an adjacent pair, and
+    # one inside the bright disc exceeding it by 4x
+    hot = noisy.copy()
+    planted = [(5, 50), (55, 10), (55, 11), (31, 33)]
+    for y, x in planted:
+        hot[..., y, x] += np.uint32(4_000_000)
+    rep = bad_pixel_report(hot)
+    expect = np.zeros(hot.shape[2:], bool)
+    for y, x in planted:
+        expect[y, x] = True
+    np.testing.assert_array_equal(rep["hot"], expect)
