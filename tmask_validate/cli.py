@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "tmask_validate.commands.noise",
     "tmask_validate.commands.analyse",
     "tmask_validate.commands.inspect",
+    "tmask_validate.commands.descan",
+    "tmask_validate.commands.pacbed",
     "tmask_validate.commands.find_sites",
     "tmask_validate.commands.metrics",
     "tmask_validate.commands.figures",
