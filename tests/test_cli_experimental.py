@@ -2,7 +2,8 @@
 
 Small synthetic Merlin files (io.write_mib) with a calibration YAML; the PACBED library is a
 tiny hand-made thickness-series store in the simulation-store layout (smooth toy CBED whose
-fringes change with thickness), plus a slow test against a smoke-scale abTEM library.
+fringes change with thickness), plus descan + PACBED on a smoke-scale abTEM PbTiO3 series
+(~5 s; skipped without abTEM).
 """
 
 from __future__ import annotations
@@ -168,7 +169,6 @@ def test_pacbed_thickness_cli_errors(tmp_path, capsys):
                         "--step-A", "0.5"]) == 2
 
 
-@pytest.mark.slow
 def test_descan_then_pacbed_on_smoke_simulation(tmp_path):
     """A smoke-scale abTEM PbTiO3 series: hold one thickness out, descan-shift + noise, MIB,
     then `descan` and `pacbed-thickness --bin 2` recover the held-out thickness."""
