@@ -61,6 +61,8 @@ def test_descan_cli_writes_store_that_loads_with_calibration(tmp_path, method, t
     assert np.ptp(c[0]) < 2 * tol + 0.3 and np.ptp(c[1]) < 2 * tol + 0.3
     assert np.ptp(disc_centers(data)[1]) > 2.0  # it did move before
     np.testing.assert_allclose(c.mean(axis=(1, 2)), got.center_px, atol=tol)
+    # the counter depth of the recording survives (integer shifts keep the dtype)
+    assert arr.attrs.get("bit_depth") == (12 if method == "integer" else None)
     if method == "integer":  # whole-pixel shifts keep exact counts
         v = arr.values
         assert v[4, 5].sum() > 0 and set(np.unique(v)) <= set(np.unique(data)) | {0}

@@ -759,6 +759,8 @@ def _open_zarr(
     for key in ("structure", "dose_e_per_A2", "cell_A", "periodic"):
         if key in attrs:
             info[key] = attrs[key]
+    if "bit_depth" in attrs and np.issubdtype(v.dtype, np.integer):
+        info["bit_depth"] = int(attrs["bit_depth"])  # counter depth of the original recording
     for dim, value in sel.items():
         info[f"selected_{dim}"] = value
     data = v.data if isinstance(v.data, da.Array) else da.from_array(v.data)

@@ -68,6 +68,8 @@ def write_corrected(corrected, out: Path) -> Path:
     ds = xr.Dataset({"data": data})
     ds.attrs = {"calibration": keep["calibration"], "descan": keep.get("descan", "{}"),
                 "source": str(keep.get("source", "")), "content": "descan-corrected 4D-STEM"}
+    if np.issubdtype(data.dtype, np.integer) and "bit_depth" in keep:
+        ds.attrs["bit_depth"] = int(keep["bit_depth"])  # the detector's counter depth
     for name in ("scan_y", "scan_x", "ky", "kx"):
         ds[name].attrs = {k: v for k, v in ds[name].attrs.items()
                           if isinstance(v, (str, int, float))}
