@@ -502,3 +502,14 @@ def test_binary_virtual_detectors_run_path(dtype, backend):
         np.testing.assert_allclose(core.center_of_mass(data), com, rtol=1e-12, atol=1e-12)
     finally:
         core.use_numba(use)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 5, 6, 9])
+def test_template_counts_cover_every_kernel_tile(k):
+    """k templates/masks exercise the fused, paired and single sweeps of both kernels."""
+    data = make_tiny_data(np.float32, shape=(9, 7, 8, 70), seed=k)
+    tmpl = make_template((9, 7), k=k, seed=k)
+    mask, img = core.template_mask_image(data, tmpl, chunk_bytes=8 * 70 * 4 * 10)
+    want = ref_pcc(data, tmpl)
+    np.testing.assert_allclose(mask, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(img, ref_apply(data, want), rtol=1e-9, atol=1e-9)
