@@ -359,11 +359,13 @@ def fit_lattice(
 
     1. starting vectors: ``a_guess``/``b_guess`` (e.g. the structure's projected cell in pixels),
        else the two shortest frequent nearest-neighbour vectors (Gauss-reduced);
-    2. the peak nearest the centroid is the origin; peaks within a radius of 3 cells are indexed
-       (basis offsets found by periodic clustering of fractional coordinates) and
-       ``origin, a, b, d_k`` solved by linear least squares; the radius then doubles, re-indexing
-       with the updated lattice, until every peak is included (so a small error in the guess
-       does not mis-index distant peaks);
+    2. the peak nearest the centroid is the origin; peaks within a radius of 1.5 cells are
+       indexed (basis offsets found by periodic clustering of fractional coordinates, offsets
+       closer than the tolerance merged) and ``origin, a, b, d_k`` solved by linear least
+       squares; the offsets are clustered once more with that first fitted lattice (a guess a
+       few % off — strain, scan drift — can split one offset in two at first); the radius then
+       doubles, re-indexing with the updated lattice, until every peak is included (so a small
+       error in the guess does not mis-index distant peaks);
     3. peaks whose residual exceeds ``max_residual`` are outliers, excluded from the fit
        (default: 0.25 × the shorter vector while growing, then 5 × the median residual, at most
        that, for a final refit).
@@ -378,7 +380,8 @@ def fit_lattice(
         Outlier threshold.
     max_basis : int, optional
         Largest acceptable number of basis positions per cell (e.g. the number of visible
-        columns per cell); more means the guess vectors are wrong (ValueError).
+        columns per cell), checked after the re-clustering with the first fitted lattice; more
+        means the guess vectors are wrong (ValueError).
     return_info : bool
         Also return a dict with ``basis`` (k, 2) offsets, ``indices`` (n, 3) ``i, j, k`` (-1 for
         outliers), ``residuals`` (n,), ``rms``, ``n_inliers``.
@@ -659,7 +662,11 @@ def sites_from_image(
         3° steps for the rotation whose lattice fit (with no more basis positions per cell than
         ``match_label`` columns, and vector lengths within 8 % of the cell's: the scale is known)
         scores best, score = Σ exp(−r²/2σ²) over the peaks' residuals with σ = 3 % of the
-        shorter cell vector; the fitted vectors then give the rotation.
+        shorter cell vector; among scores within 2 % of the best the lowest-rms fit wins. Fits
+        with rms above 5 % of the shorter cell vector, or more than 4 × (+ 1 % of a cell) the
+        rms of a fit whose lengths are off, are wrong lattices and not considered (the error
+        then names the off-scale lattice: check ``step_A``). The fitted vectors give the
+        rotation.
     step_A : float or (y, x)
     invert : bool
         Search minima instead of maxima.
