@@ -517,6 +517,13 @@ def analyse_dataset(
     stats = core.column_stats(data)
     mean_pattern = np.asarray(stats.mean, np.float64)
     center_px = _center_px(calibration, mean_pattern)
+    # detector pixels with a real signal (see analysis.schema: min_relative_mean)
+    peak = float(np.max(mean_pattern)) if mean_pattern.size else 0.0
+    valid = mean_pattern > opts["min_relative_mean"] * peak if peak > 0 else mean_pattern > 0
+    n_invalid = int(valid.size - valid.sum())
+    if n_invalid:
+        notes.append(f"{n_invalid} detector pixels below {opts['min_relative_mean']:g} of the "
+                     "peak mean intensity left out of the PCC masks")
     angle = np.asarray(core.scattering_angle_mrad(det_shape, center_px=center_px,
                                                   mrad_per_px=calibration.mrad_per_px))
     max_angle = float(angle.max())
@@ -576,7 +583,7 @@ def analyse_dataset(
     col.add("icom", icom, None, family="icom", normalisation="raw")
 
     # ---- optimised ADF (Eq. 8 map of the ADF image, r > 0, raw data) ----
-    r_mean = np.asarray(core.pcc_mask(data, adf, normalisation="mean"), np.float64)
+    r_mean = np.asarray(core.pcc_mask(data, adf, normalisation="mean"), np.float64) * valid
     r_thr = np.where(r_mean > 0, r_mean, 0.0)
     adf_opt = core.apply_mask(data, r_thr, normalised=False)
     col.add("adf_opt", adf_opt, r_thr, template=adf, family="adf_opt", template_kind="adf",
@@ -619,7 +626,7 @@ def analyse_dataset(
                              + (f"_{key[6:]}" if key.startswith("shift_") else ""), t,
                              dict(family="control", label="fake", template_kind=kind,
                                   sigma_A=sig or 0.0)))
-    _run_stack(data, stats, col, full, opts, region_name="full", region=None)
+    _run_stack(data, stats, col, full, opts, region_name="full", region=None, valid=valid)
 
     # ---- partial templates (mask from a 1/9 window, image everywhere) ----
     regions = {}
@@ -638,7 +645,7 @@ def analyse_dataset(
                 part.append((f"partial_{{norm}}_{tag}_{lab}", t,
                              dict(family="partial", label=lab, template_kind=kind,
                                   sigma_A=sig)))
-        _run_stack(data, stats, col, part, opts, region_name="partial", region=reg)
+        _run_stack(data, stats, col, part, opts, region_name="partial", region=reg, valid=valid)
 
     # ---- split-half: masks from the top half, metrics on the bottom half ----
     if copt["enabled"] and scan_shape[0] >= 4:
@@ -662,7 +669,8 @@ def analyse_dataset(
                              + (f"_{key[6:]}" if key.startswith("shift_") else ""), t,
                              dict(family="half_control", label="fake", template_kind=kind,
                                   sigma_A=sig or 0.0, eval_region="bottom_half")))
-        _run_stack(data, stats, col, half, opts, region_name="top_half", region=top)
+        _run_stack(data, stats, col, half, opts, region_name="top_half", region=top,
+                   valid=valid)
 
     # ---- Fig. 1c sorted D matrix ----
     dmat, dcol_angle = core.sorted_d_matrix(
@@ -673,7 +681,7 @@ def analyse_dataset(
 
     return _to_dataset(
         col, data_shape=shape, calibration=calibration, center_px=center_px, angle=angle,
-        mean_pattern=mean_pattern, regions=regions, sites=sites, ctl=ctl, dmat=dmat,
+        mean_pattern=mean_pattern, regions=regions, sites=sites, ctl=ctl, dmat=dmat, valid=valid,
         dcol_angle=dcol_angle, opts=opts, cell_A=cell_A, periodic=periodic, origin_A=origin_A,
         meta=dict(meta or {}), notes=notes,
         extra_attrs={"abf_best_from": best_name, "abf_best_target": target,
@@ -682,9 +690,9 @@ def analyse_dataset(
     )
 
 
-def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, region):
-    """PCC masks of a stack of templates (one pass per normalisation) and their Eq. 7 images
-    (one pass per normalisation, all-position statistics)."""
+def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, region, valid):
+    """PCC masks of a stack of templates (one pass per normalisation; pixels outside ``valid``
+    set to 0) and their Eq. 7 images (one pass per normalisation, all-position statistics)."""
     if not entries:
         return
     stack = _stack([(n, t) for n, t, _ in entries])
@@ -692,6 +700,7 @@ def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, regi
         masks = np.asarray(core.pcc_mask(data, stack, normalisation=norm, region=region))
         if masks.ndim == 2:
             masks = masks[None]
+        masks = masks * valid[None]
         imgs = np.asarray(core.apply_mask(data, masks, normalised=True, normalisation=norm,
                                           stats=stats))
         if imgs.ndim == 2:
@@ -723,7 +732,7 @@ def _cnr(image, sites, label, *, step_A, origin_A, radius_A, periodic) -> float:
 
 def _to_dataset(col: _Collector, *, data_shape, calibration, center_px, angle, mean_pattern,
                 regions, sites, ctl, dmat, dcol_angle, opts, cell_A, periodic, origin_A, meta,
-                notes, extra_attrs) -> xr.Dataset:
+                notes, extra_attrs, valid) -> xr.Dataset:
     sy, sx, ny, nx = data_shape
     cy, cx = center_px
     ky = (np.arange(ny) - cy) * calibration.mrad_per_px[0]
@@ -745,6 +754,7 @@ def _to_dataset(col: _Collector, *, data_shape, calibration, center_px, angle, m
             "images": (("name", "scan_y", "scan_x"), np.stack(col.images)),
             "templates": (("name", "scan_y", "scan_x"), np.stack(col.tmpls)),
             "mean_pattern": (("ky", "kx"), mean_pattern.astype(np.float32)),
+            "valid_pixels": (("ky", "kx"), np.asarray(valid, np.uint8)),
             "angle_mrad": (("ky", "kx"), np.asarray(angle, np.float32)),
             "dmatrix": (("d_row", "d_col"), dmat),
             "dmatrix_col_angle_mrad": (("d_col",), dcol_angle.astype(np.float32)),
