@@ -67,9 +67,9 @@ from scipy import ndimage
 
 from tmask_validate.templates import (
     _nearest_px,
+    _sites_in_scan,
     as_pair,
     check_region,
-    dedupe_periodic_px,
     sites_to_pixels,
     validate_sites,
 )
@@ -165,18 +165,9 @@ def per_site_signals(
     if not np.isfinite(radius_A) or radius_A < 0:
         raise ValueError(f"radius_A must be >= 0, got {radius_A!r}")
     reg = check_region(region, shape)
-    yx = sites_to_pixels(s, step, origin_A)
-    if periodic:
-        yx, keep = dedupe_periodic_px(yx, shape)
-        s = s.iloc[keep].reset_index(drop=True)
-        idx = np.mod(_nearest_px(yx), shape)
-    else:
-        idx = _nearest_px(yx)
-        ok = (idx[:, 0] >= 0) & (idx[:, 0] < shape[0]) & (idx[:, 1] >= 0) & (idx[:, 1] < shape[1])
-        s, yx, idx = s[ok].reset_index(drop=True), yx[ok], idx[ok]
-    if reg is not None and len(s):
-        ok = reg[idx[:, 0], idx[:, 1]]
-        s, yx, idx = s[ok].reset_index(drop=True), yx[ok], idx[ok]
+    rows, yx, _ = _sites_in_scan(sites_to_pixels(s, step, origin_A), shape, periodic=periodic,
+                                 region=reg)
+    s = s.iloc[rows].reset_index(drop=True)
     if len(s) == 0:
         raise ValueError(
             "no site lies inside the field of view"

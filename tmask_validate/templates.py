@@ -401,6 +401,33 @@ def _in_field(idx: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return (idx[:, 0] >= 0) & (idx[:, 0] < shape[0]) & (idx[:, 1] >= 0) & (idx[:, 1] < shape[1])
 
 
+def _sites_in_scan(
+    yx_px: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    periodic: bool,
+    region: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct sites that count for a scan: ``(rows, yx_px, idx)``.
+
+    Periodic: positions wrapped and duplicates dropped (:func:`dedupe_periodic_px`); otherwise
+    sites whose nearest pixel is outside the scan are dropped. With a (checked, boolean)
+    ``region`` only sites whose nearest pixel lies in it are kept. ``rows`` are the kept
+    indices into ``yx_px`` (ascending), then the kept (wrapped) positions and nearest pixels.
+    """
+    if periodic:
+        yx, rows = dedupe_periodic_px(yx_px, shape)
+        idx = np.mod(_nearest_px(yx), shape)
+    else:
+        idx = _nearest_px(yx_px)
+        rows = np.flatnonzero(_in_field(idx, shape))
+        yx, idx = yx_px[rows], idx[rows]
+    if region is not None:
+        ok = region[idx[:, 0], idx[:, 1]]
+        rows, yx, idx = rows[ok], yx[ok], idx[ok]
+    return rows, yx, idx
+
+
 def _stamp(
     yx_px: np.ndarray,
     shape: tuple[int, int],
@@ -704,18 +731,9 @@ def random_sites(
     reg = check_region(region, shape)
     step = np.array(as_pair(step_A, "step_A"))
     origin = np.array(as_pair(origin_A, "origin_A", positive=False))
-    yx = sites_to_pixels(s, step, origin)
-    if periodic:
-        yx, keep = dedupe_periodic_px(yx, shape)
-        labels = s["label"].to_numpy()[keep]
-        idx = np.mod(_nearest_px(yx), shape)
-    else:
-        idx = _nearest_px(yx)
-        ok = _in_field(idx, shape)
-        labels, idx = s["label"].to_numpy()[ok], idx[ok]
-    if reg is not None:
-        ok = reg[idx[:, 0], idx[:, 1]]
-        labels, idx = labels[ok], idx[ok]
+    rows, _, _ = _sites_in_scan(sites_to_pixels(s, step, origin), shape, periodic=periodic,
+                                region=reg)
+    labels = s["label"].to_numpy()[rows]
     n = len(labels)
     if n == 0:
         raise ValueError("no site lies inside the scan/region; nothing to randomise")
