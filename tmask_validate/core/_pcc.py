@@ -71,6 +71,32 @@ def _check_region(region: Any, info: DataInfo) -> np.ndarray | None:
     return reg.reshape(-1)
 
 
+def _check_valid(valid: Any, info: DataInfo) -> np.ndarray | None:
+    """Return the valid-pixel mask as a flat bool (n,) array (None = every pixel valid)."""
+    if valid is None:
+        return None
+    v = np.asarray(valid)
+    if v.shape != info.det_shape:
+        raise ValueError(
+            f"valid shape {v.shape} does not match the detector shape {info.det_shape}"
+        )
+    if v.dtype != bool:
+        if v.dtype.kind not in "uifb" or not np.all(np.isin(v, (0, 1))):
+            raise ValueError("valid must be boolean (or 0/1)")
+        v = v.astype(bool)
+    if not v.any():
+        raise ValueError("valid is empty: it selects no detector pixel")
+    return v.reshape(-1)
+
+
+def _restrict_stats(stats: ColumnStats, valid: np.ndarray | None) -> ColumnStats:
+    """Stats with the std of invalid pixels set to 0 (treated as zero-variance columns)."""
+    if valid is None or valid.all():
+        return stats
+    std = np.where(valid.reshape(stats.std.shape), stats.std, 0.0)
+    return ColumnStats(mean=stats.mean, std=std, count=stats.count)
+
+
 def _check_templates(template: Any, info: DataInfo) -> tuple[np.ndarray, bool]:
     """Return templates as float64 (k, m) and whether a single template was given."""
     t = np.asarray(template)
@@ -287,7 +313,7 @@ def _check_stats(stats: Any, info: DataInfo) -> ColumnStats:
 
 # ----------------------------------------------------------------------------- public API
 def column_stats(
-    data: Any, *, region: Any = None, chunk_bytes: int | None = None
+    data: Any, *, region: Any = None, valid: Any = None, chunk_bytes: int | None = None
 ) -> ColumnStats:
     """Mean and population std of every pixel-STEM image (column of D), one streaming pass.
 
@@ -297,6 +323,11 @@ def column_stats(
         4D data ``[scan_y, scan_x, ky, kx]`` (numpy, memmap, zarr, dask).
     region : bool array (scan_y, scan_x), optional
         Only these probe positions are used.
+    valid : bool array (ky, kx), optional
+        Detector pixels to use (e.g. leave out pixels beyond a simulation's antialiasing
+        aperture, whose tiny rounding-noise variance Eq. 4 would blow up to unit variance).
+        Invalid pixels keep their mean but get ``std = 0``, so every normalised result
+        treats them as zero-variance columns (they contribute nothing).
     chunk_bytes : int, optional
         Byte budget of one row chunk (default :data:`DEFAULT_CHUNK_BYTES`).
 
@@ -307,22 +338,26 @@ def column_stats(
     """
     info = check_data(data)
     reg = _check_region(region, info)
+    val = _check_valid(valid, info)
     main, _ = _pass_stats_products(data, info, None, reg, all_stats=False,
                                    chunk_bytes=chunk_bytes)
-    return main.stats(info.det_shape)
+    return _restrict_stats(main.stats(info.det_shape), val)
 
 
-def _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes, all_stats):
+def _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes, all_stats,
+                        valid=None):
     info = check_data(data)
     _check_normalisation(normalisation)
     t, single = _check_templates(template, info)
     reg = _check_region(region, info)
+    val = _check_valid(valid, info)
     that = _standardise_templates(t, reg)
     main, extra = _pass_stats_products(data, info, that, reg, all_stats=all_stats,
                                        chunk_bytes=chunk_bytes)
-    stats = main.stats(info.det_shape)
+    stats = _restrict_stats(main.stats(info.det_shape), val)
     r = _pcc_from(main, stats, normalisation).reshape((-1, *info.det_shape))
-    all_st = stats if reg is None else (extra.stats(info.det_shape) if extra else None)
+    all_st = stats if reg is None else (
+        _restrict_stats(extra.stats(info.det_shape), val) if extra else None)
     return (r[0] if single else r), stats, all_st, info
 
 
@@ -332,6 +367,7 @@ def pcc_mask(
     *,
     normalisation: str = "pcc",
     region: Any = None,
+    valid: Any = None,
     chunk_bytes: int | None = None,
 ) -> np.ndarray:
     """PCC map (mask) of a template image with every pixel-STEM image (Eqs. 4-6, 8, 9).
@@ -354,6 +390,9 @@ def pcc_mask(
     region : bool array (scan_y, scan_x), optional
         Partial template: only these positions enter the template normalisation, the column
         statistics and the correlation.
+    valid : bool array (ky, kx), optional
+        Detector pixels to use; the mask is exactly 0 on the others (as on zero-variance
+        columns).  See :func:`column_stats`.
     chunk_bytes : int, optional
         Byte budget of one row chunk.
 
@@ -361,7 +400,7 @@ def pcc_mask(
     -------
     ndarray
         ``(ky, kx)`` or ``(k, ky, kx)`` float64.  Columns with zero variance (or zero mean
-        for ``"mean"``) give 0.
+        for ``"mean"``), and pixels outside ``valid``, give 0.
 
     Raises
     ------
@@ -369,7 +408,8 @@ def pcc_mask(
         Bad shapes, zero-variance or non-finite template, empty region, unknown
         normalisation, or NaN/Inf found in the data during the pass.
     """
-    r, _, _, _ = _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes, False)
+    r, _, _, _ = _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes, False,
+                                     valid)
     return r
 
 
@@ -381,6 +421,7 @@ def apply_mask(
     normalisation: str = "pcc",
     threshold: float | None = None,
     stats: ColumnStats | None = None,
+    valid: Any = None,
     chunk_bytes: int | None = None,
 ) -> np.ndarray:
     """Apply a (weighted) detector mask to every diffraction pattern (Eqs. 2 and 7).
@@ -400,6 +441,9 @@ def apply_mask(
         Mask values ``<= threshold`` are set to 0 first (Fig. 2d uses ``threshold=0``).
     stats : ColumnStats, optional
         Precomputed all-position :func:`column_stats` (skips that pass).
+    valid : bool array (ky, kx), optional
+        Detector pixels to use: the mask is set to 0 outside them (raw and normalised), so
+        they contribute nothing.  See :func:`column_stats`.
     chunk_bytes : int, optional
         Byte budget of one row chunk.
 
@@ -418,9 +462,13 @@ def apply_mask(
         if not np.isfinite(threshold):
             raise ValueError("threshold must be finite")
         w = np.where(w > threshold, w, 0.0)
+    val = _check_valid(valid, info)
+    if val is not None:
+        w = np.where(val[None], w, 0.0)
     if normalised:
         st = column_stats(data, chunk_bytes=chunk_bytes) if stats is None else _check_stats(
             stats, info)
+        st = _restrict_stats(st, val)
         wn = _weights_for(w, st, normalisation)
         mu = st.mean.reshape(-1)
     else:
@@ -437,13 +485,15 @@ def template_mask_image(
     normalisation: str = "pcc",
     region: Any = None,
     threshold: float | None = None,
+    valid: Any = None,
     chunk_bytes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """PCC mask from a template and the image it gives (Eq. 9 then Eq. 7), in two passes.
 
     Pass 1 computes the mask (with the statistics of the positions in ``region``) and, in
     the same pass, the all-position column statistics; pass 2 applies the mask to ``D̂``
-    normalised with the all-position statistics.
+    normalised with the all-position statistics.  ``valid`` (bool ``(ky, kx)``) restricts
+    both to those detector pixels (see :func:`column_stats`).
 
     Returns
     -------
@@ -451,9 +501,9 @@ def template_mask_image(
         As :func:`pcc_mask` and :func:`apply_mask` (stacks if ``template`` is a stack).
     """
     r, _, all_st, _ = _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes,
-                                          True)
+                                          True, valid)
     img = apply_mask(data, r, normalised=True, normalisation=normalisation,
-                     threshold=threshold, stats=all_st, chunk_bytes=chunk_bytes)
+                     threshold=threshold, stats=all_st, valid=valid, chunk_bytes=chunk_bytes)
     return r, img
 
 
@@ -492,6 +542,7 @@ def eigen_image(
     n_iter: int = 200,
     tol: float = 1e-8,
     method: str = "auto",
+    valid: Any = None,
     chunk_bytes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Leading eigenvector of ``C = D̂ D̂ᵀ`` (the first principal component image, Eq. 10).
@@ -515,6 +566,9 @@ def eigen_image(
         Column normalisation of D̂ (Eq. 4 or 8).
     n_iter, tol : int, float
         Power iteration limits (relative change of the eigenvalue estimate).
+    valid : bool array (ky, kx), optional
+        Detector pixels to use: the other columns of D̂ are exactly 0 (as zero-variance
+        columns), so the mask is 0 there.  See :func:`column_stats`.
 
     Returns
     -------
@@ -532,7 +586,7 @@ def eigen_image(
         raise ValueError(f"unknown method {method!r}; expected 'auto', 'gram' or 'power'")
     if method == "auto":
         method = "gram" if info.n <= 2048 else "power"
-    st = column_stats(data, chunk_bytes=chunk_bytes)
+    st = column_stats(data, valid=valid, chunk_bytes=chunk_bytes)
     scale = _weights_for(np.ones((1, info.n)), st, normalisation)[0]
     mean = st.mean.reshape(-1)
     if method == "gram":
