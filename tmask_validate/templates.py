@@ -767,14 +767,8 @@ def random_site_template(
 
     Parameters
     ----------
-    sites : pandas.DataFrame
-        Real site table.
-    shape : (int, int)
-        Scan shape.
-    step_A : float or (float, float)
-        Scan step in Å.
-    origin_A : (float, float)
-        Position of pixel ``[0, 0]`` in Å.
+    sites, shape, step_A, origin_A
+        As for :func:`random_sites`.
     label : str, optional
         Use only the sites of this label (default: all sites).
     kind, radius_A, sigma_A, periodic, region, truncate
