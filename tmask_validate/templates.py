@@ -584,6 +584,27 @@ def _px_radius(value_A: float | Sequence[float] | None, step: tuple[float, float
     return (vy / step[0], vx / step[1])
 
 
+def _make_template_kwargs(
+    step: tuple[float, float],
+    *,
+    kind: str,
+    radius_A: float | Sequence[float] | None,
+    sigma_A: float | Sequence[float] | None,
+    periodic: bool,
+    region: np.ndarray | None,
+    truncate: float,
+) -> dict[str, Any]:
+    """Keywords for :func:`make_template` from Å-valued options (radius/sigma -> px per axis)."""
+    return dict(
+        kind=kind,
+        radius_px=_px_radius(radius_A, step, "radius_A"),
+        sigma_px=_px_radius(sigma_A, step, "sigma_A"),
+        periodic=periodic,
+        region=region,
+        truncate=truncate,
+    )
+
+
 def species_templates(
     sites: pd.DataFrame,
     shape: Sequence[int],
@@ -648,14 +669,8 @@ def species_templates(
     labels = [str(lab) for lab in labels]
     if include_all and "all" in present:
         raise ValueError('site label "all" is reserved for the combined template')
-    kw = dict(
-        kind=kind,
-        radius_px=_px_radius(radius_A, step, "radius_A"),
-        sigma_px=_px_radius(sigma_A, step, "sigma_A"),
-        periodic=periodic,
-        region=region,
-        truncate=truncate,
-    )
+    kw = _make_template_kwargs(step, kind=kind, radius_A=radius_A, sigma_A=sigma_A,
+                               periodic=periodic, region=region, truncate=truncate)
     yx = sites_to_pixels(s, step, origin_A)
     out: dict[str, np.ndarray] = {}
     for lab in labels:
@@ -790,16 +805,9 @@ def random_site_template(
         s, shape, step_A=step_A, origin_A=origin_A, periodic=periodic, region=region, seed=seed
     )
     step = as_pair(step_A, "step_A")
-    return make_template(
-        sites_to_pixels(rnd, step, origin_A),
-        shape,
-        kind=kind,
-        radius_px=_px_radius(radius_A, step, "radius_A"),
-        sigma_px=_px_radius(sigma_A, step, "sigma_A"),
-        periodic=periodic,
-        region=region,
-        truncate=truncate,
-    )
+    kw = _make_template_kwargs(step, kind=kind, radius_A=radius_A, sigma_A=sigma_A,
+                               periodic=periodic, region=region, truncate=truncate)
+    return make_template(sites_to_pixels(rnd, step, origin_A), shape, **kw)
 
 
 def template_set_attrs(
