@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import yaml
+from toy_cbed import toy_library, toy_pattern
 
 from tmask_validate.calibration import Calibration
 from tmask_validate.cli import main
@@ -94,30 +95,15 @@ def test_descan_store_is_written_in_row_chunks(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ PACBED thickness
-def _model(theta, t):
-    """Smooth toy CBED vs scattering angle (mrad) and thickness (nm)."""
-    disc = 1.0 / (1.0 + np.exp((theta - 20.0) / 0.8))
-    fringes = 1.0 + 0.4 * np.cos(theta * (0.25 + 0.012 * t) + 0.05 * t)
-    tds = 0.02 * (1 + 0.05 * t) * np.exp(-theta / (15.0 + 0.8 * t))
-    return disc * fringes + tds
-
-
-def _pattern(shape, mrad, center, t):
-    ky = (np.arange(shape[0]) - center[0]) * mrad
-    kx = (np.arange(shape[1]) - center[1]) * mrad
-    return _model(np.hypot(ky[:, None], kx[None, :]), t)
-
-
 def _library_store(path: Path, ts, shape=(97, 101), mrad=0.8, center=(48.0, 50.0)) -> Path:
     """A complete store in the simulation-store layout: intensity (thickness, sy, sx, ky, kx)."""
-    lib = np.stack([_pattern(shape, mrad, center, t) for t in ts])
-    inten = np.broadcast_to(lib[:, None, None], (len(ts), 2, 2) + shape).astype(np.float32)
+    lib = toy_library(ts, shape, mrad, center)
+    inten = np.broadcast_to(lib.values[:, None, None], (len(ts), 2, 2) + shape).astype(np.float32)
     cal = Calibration(step_A=(0.5, 0.5), mrad_per_px=(mrad, mrad), center_px=center)
     ds = xr.Dataset(
         {"intensity": (("thickness", "scan_y", "scan_x", "ky", "kx"), inten)},
         coords={"thickness": np.asarray(ts, float), "scan_y": [0.0, 0.5], "scan_x": [0.0, 0.5],
-                "ky": (np.arange(shape[0]) - center[0]) * mrad,
-                "kx": (np.arange(shape[1]) - center[1]) * mrad},
+                "ky": lib["ky"].values, "kx": lib["kx"].values},
         attrs={"calibration": json.dumps(cal.to_dict()), "complete": True})
     ds.to_zarr(str(path), mode="w", consolidated=False)
     return path
@@ -130,7 +116,7 @@ def test_pacbed_thickness_cli_held_out(tmp_path, binning, capsys):
     t_true = 17.3  # not in the library
     shape, mrad, center = (64, 70), 0.55, (30.6, 36.2)  # another camera length, off-centre
     rng = np.random.default_rng(11)
-    frames = rng.poisson(_pattern(shape, mrad, center, t_true) * 150.0, (6, 5) + shape)
+    frames = rng.poisson(toy_pattern(shape, mrad, center, t_true) * 150.0, (6, 5) + shape)
     mib = write_mib(tmp_path / "pacbed.mib", frames.astype(np.uint16), bit_depth=12)
     cal = _write_cal(tmp_path / "cal.yaml",
                      Calibration(step_A=0.5, mrad_per_px=(mrad, mrad), center_px=center))
@@ -154,7 +140,7 @@ def test_pacbed_thickness_cli_errors(tmp_path, capsys):
     ts = np.arange(2.0, 11.0, 2.0)
     store = _library_store(tmp_path / "lib.zarr", ts)
     frames = np.random.default_rng(0).poisson(
-        _pattern((40, 40), 0.8, (20, 20), 5.0) * 50, (2, 3, 40, 40)).astype(np.uint16)
+        toy_pattern((40, 40), 0.8, (20, 20), 5.0) * 50, (2, 3, 40, 40)).astype(np.uint16)
     mib = write_mib(tmp_path / "p.mib", frames, bit_depth=12)
     base = ["pacbed-thickness", str(mib), "--scan-shape", "2", "3", "--out",
             str(tmp_path / "r.json")]

@@ -6,30 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import xarray as xr
+from toy_cbed import toy_library, toy_pattern
 
 from tmask_validate.pacbed import match_thickness, pacbed, resample_library
-
-
-def _model(theta, t):
-    """Smooth toy CBED vs scattering angle (mrad) and thickness (nm)."""
-    disc = 1.0 / (1.0 + np.exp((theta - 20.0) / 0.8))
-    fringes = 1.0 + 0.4 * np.cos(theta * (0.25 + 0.012 * t) + 0.05 * t)
-    tds = 0.02 * (1 + 0.05 * t) * np.exp(-theta / (15.0 + 0.8 * t))
-    return disc * fringes + tds
-
-
-def _pattern(shape, mrad, center, t):
-    ky = (np.arange(shape[0]) - center[0]) * mrad
-    kx = (np.arange(shape[1]) - center[1]) * mrad
-    return _model(np.hypot(ky[:, None], kx[None, :]), t)
-
-
-def _library(ts, shape=(97, 101), mrad=0.8, center=(48.0, 50.0)):
-    lib = np.stack([_pattern(shape, mrad, center, t) for t in ts])
-    return xr.DataArray(lib, dims=("thickness", "ky", "kx"), coords={
-        "thickness": ts, "ky": (np.arange(shape[0]) - center[0]) * mrad,
-        "kx": (np.arange(shape[1]) - center[1]) * mrad})
 
 
 def test_pacbed_mean_and_variance_match_naive():
@@ -51,7 +30,7 @@ def test_pacbed_mean_and_variance_match_naive():
 
 
 def test_resample_library_identity_and_scaling():
-    lib = _library([10.0])
+    lib = toy_library([10.0])
     same, cov = resample_library(lib.values, library_mrad_per_px=0.8, library_center_px=(48, 50),
                                  out_shape=(97, 101), out_mrad_per_px=0.8,
                                  out_center_px=(48, 50))
@@ -60,7 +39,7 @@ def test_resample_library_identity_and_scaling():
     out, cov = resample_library(lib.values, library_mrad_per_px=0.8, library_center_px=(48, 50),
                                 out_shape=(60, 64), out_mrad_per_px=1.1,
                                 out_center_px=(30.3, 31.7))
-    exp = _pattern((60, 64), 1.1, (30.3, 31.7), 10.0)
+    exp = toy_pattern((60, 64), 1.1, (30.3, 31.7), 10.0)
     inner = cov & (np.hypot(*np.mgrid[-30.3:29.7:60j, -31.7:32.3:64j]) * 1.1 < 36)
     assert np.abs(out[0] - exp)[inner].max() < 0.03
 
@@ -68,7 +47,7 @@ def test_resample_library_identity_and_scaling():
 @pytest.mark.parametrize("metric", ["sqdiff", "correlation"])
 def test_exact_library_member_gives_zero_misfit(metric):
     ts = np.arange(2.0, 41.0, 2.0)
-    lib = _library(ts)
+    lib = toy_library(ts)
     p = lib.values[7] * 123.0  # scale does not matter
     res = match_thickness(p, lib, pattern_mrad_per_px=0.8, pattern_center_px=(48, 50),
                           metric=metric)
@@ -83,10 +62,10 @@ def test_exact_library_member_gives_zero_misfit(metric):
 def test_held_out_thickness_with_noise_other_grid(t_true):
     rng = np.random.default_rng(int(t_true * 10))
     ts = np.arange(2.0, 41.0, 2.0)
-    lib = _library(ts)
+    lib = toy_library(ts)
     # "measured": another detector grid, off-centre, Poisson noise over many positions
     shape, mrad, center = (64, 70), 1.05, (30.6, 36.2)
-    clean = _pattern(shape, mrad, center, t_true) * 200.0
+    clean = toy_pattern(shape, mrad, center, t_true) * 200.0
     frames = rng.poisson(clean, (6, 5) + shape)
     mean, var = pacbed(frames)
     res = match_thickness(mean, lib, pattern_mrad_per_px=mrad, pattern_center_px=center,
@@ -102,12 +81,12 @@ def test_held_out_thickness_with_noise_other_grid(t_true):
 
 def test_more_noise_wider_interval():
     ts = np.arange(2.0, 41.0, 2.0)
-    lib = _library(ts)
+    lib = toy_library(ts)
     shape, mrad, center = (64, 70), 1.05, (30.6, 36.2)
     out = []
     for dose in (2000.0, 5.0):
         rng = np.random.default_rng(5)
-        frames = rng.poisson(_pattern(shape, mrad, center, 21.0) * dose, (4, 4) + shape)
+        frames = rng.poisson(toy_pattern(shape, mrad, center, 21.0) * dose, (4, 4) + shape)
         mean, var = pacbed(frames)
         out.append(match_thickness(mean, lib, pattern_mrad_per_px=mrad,
                                    pattern_center_px=center, pattern_var=var).uncertainty_nm)
@@ -116,8 +95,8 @@ def test_more_noise_wider_interval():
 
 def test_beyond_library_is_flagged_and_errors():
     ts = np.arange(4.0, 21.0, 2.0)
-    lib = _library(ts)
-    p = _pattern((97, 101), 0.8, (48, 50), 3.0)  # thinner than the thinnest library entry
+    lib = toy_library(ts)
+    p = toy_pattern((97, 101), 0.8, (48, 50), 3.0)  # thinner than the thinnest library entry
     res = match_thickness(p, lib, pattern_mrad_per_px=0.8, pattern_center_px=(48, 50))
     assert res.at_edge and res.thickness_nm == 4.0 and res.best_index == 0
     with pytest.raises(ValueError, match="metric"):
