@@ -21,6 +21,7 @@ from tmask_validate.analysis import (
     dataset_metrics,
     lightest_label,
     partial_window,
+    tiled_field,
 )
 from tmask_validate.calibration import Calibration
 from tmask_validate.claims import _control_rows, evaluate_claims, label_for
@@ -295,3 +296,80 @@ def test_cli_analyse_experimental_file(tmp_path):
         if key == "b":  # the configured partial-template region was used
             assert int(ads["region_partial"].values.sum()) == 10 * 10
         ads.close()
+
+
+def _partial_sims(met):
+    return met[(met.metric == "mask_similarity") & (met.family == "partial")]
+
+
+def test_tiled_field_exact_tiling_and_independent_noise():
+    data, sites, _, cell = synthetic(det=8)
+    field, fs = tiled_field(data, sites, cell_A=cell, cells=(3, 2))
+    assert field.shape == (3 * CELL_PX, 2 * CELL_PX, 8, 8) and len(fs) == 6 * len(sites)
+    np.testing.assert_array_equal(field[CELL_PX:2 * CELL_PX, CELL_PX:], data)
+    assert fs["y_A"].max() == pytest.approx(sites["y_A"].max() + 2 * cell[0])
+    counts, _ = tiled_field(data, sites, cell_A=cell, cells=(3, 3), electrons_per_probe=50.0,
+                            seed=4)
+    assert counts.dtype == np.uint32
+    cells = counts.reshape(3, CELL_PX, 3, CELL_PX, 8, 8).astype(float)
+    # every cell is its own Poisson draw of the same expectation
+    assert not np.array_equal(cells[0, :, 0], cells[1, :, 2])
+    np.testing.assert_allclose(counts.mean(axis=(0, 1)), 50.0 * data.mean(axis=(0, 1)),
+                               rtol=0.02, atol=0.5)
+    again, _ = tiled_field(data, sites, cell_A=cell, cells=(3, 3), electrons_per_probe=50.0,
+                           seed=4)
+    np.testing.assert_array_equal(counts, again)
+    with pytest.raises(ValueError, match="cells"):
+        tiled_field(data, sites, cell_A=cell, cells=(0, 3))
+
+
+def test_partial_on_one_cell_noiseless_scan_is_tiled_and_trivial(analysed):
+    """One-cell periodic scan: partial templates come from an (offset) 1/9 window of a 3x3-cell
+    tiled field; noiseless, that window is one whole cell, so partial = full
+    mask (uninformative)."""
+    ads, met = analysed
+    names = [str(n) for n in ads["name"].values]
+    assert "partialref_pcc_g0.35_Lt" in names and "region_partial" not in ads
+    sims = _partial_sims(met)
+    assert set(sims["region"]) == {"partial_tiled"}
+    assert set(sims["species"]) == {n.replace("partial_", "partialref_") for n in sims["name"]}
+    assert sims["value"].min() > 0.999
+    # the whole tiled field gives the same mask as the one-cell scan (periodicity)
+    for lab in ("Hv", "Md", "Lt"):
+        np.testing.assert_allclose(ads["masks"].sel(name=f"partialref_pcc_g0.35_{lab}"),
+                                   ads["masks"].sel(name=f"tm_pcc_g0.35_{lab}"), atol=1e-5)
+    claims = evaluate_claims(met.assign(thickness_nm=1.0, thickness_config_nm=np.nan,
+                                        dose_e_per_A2=np.nan))
+    row = claims[claims.claim_id == "partial_reproduces"].iloc[0]
+    assert row["status"] == "uninformative" and not row["passed"]
+    assert "not informative" in row["detail"]
+
+
+@pytest.mark.parametrize("dose, expect_pass", [(2000.0, True), (0.5, False)])
+def test_partial_on_one_cell_noisy_scan_uses_independent_noise(dose, expect_pass):
+    clean, sites, cal, cell = synthetic()
+    noisy = np.random.default_rng(2).poisson(clean * dose).astype(np.float32)
+    # the synthetic intensities are not fractions of a probe: electrons = dose * step area
+    meta = {"structure": "synth", "dose_key": f"d{dose:g}",
+            "dose_e_per_A2": dose / (STEP * STEP)}
+    opts = {**OPTS, "controls": {"enabled": False}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ads = analyse_dataset(noisy, sites, cal, cell_A=cell, periodic=True, options=opts,
+                              meta=meta, noiseless=clean)
+        met = dataset_metrics(ads)
+    assert any("independent Poisson noise" in n for n in json.loads(ads.attrs["notes"]))
+    sims = _partial_sims(met)
+    assert set(sims["region"]) == {"partial_tiled"} and len(sims) == 8
+    assert sims["value"].max() < 1 - 1e-6  # different noise in the window and the field
+    claims = evaluate_claims(met.assign(thickness_nm=1.0, thickness_config_nm=np.nan))
+    row = claims[claims.claim_id == "partial_reproduces"].iloc[0]
+    assert row["status"] == ("pass" if expect_pass else "fail")
+    assert bool(row["passed"]) is expect_pass
+    # without the noiseless source: the old 1/9 window of the one-cell scan, with a note
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ads2 = analyse_dataset(noisy, sites, cal, cell_A=cell, periodic=True, options=opts,
+                               meta=meta)
+    assert "region_partial" in ads2
+    assert any("without its noiseless source" in n for n in json.loads(ads2.attrs["notes"]))

@@ -57,6 +57,7 @@ __all__ = [
     "sites_to_variables",
     "lightest_label",
     "partial_window",
+    "tiled_field",
     "control_sites",
     "ANALYSIS_VERSION",
 ]
@@ -77,12 +78,14 @@ _Z = {
 #: per-name coordinates of the output Dataset, with their fill values
 _NAME_COORDS = {
     "family": "",  # virtual | abf_sweep | abf_best | adf_pcc | adf_opt | icom | eigen | template
-    #               | partial | control | half
+    #               | partial | partial_ref | control | half
     "label": "",  # target column label ("all", "Li", ...; "" = none; "fake" = control sites)
     "template_kind": "",  # binary | disc | gaussian | adf | ""
     "sigma_A": 0.0,
     "normalisation": "",  # pcc | mean | raw
-    "region": "full",  # scan region the mask was computed from: full | partial | top_half
+    # scan region the mask was computed from: full | partial | top_half | partial_tiled (window
+    # of a tiled multi-cell field) | tiled_full (the whole tiled field)
+    "region": "full",
     "eval_region": "full",  # where metrics are evaluated: full | bottom_half
     "polarity": 1.0,  # multiply the image by this before metrics/display (-1: inverted BF/ABF)
     "inner_mrad": 0.0,
@@ -383,6 +386,75 @@ def _sigma_tag(sigma: float) -> str:
     return f"g{sigma:.2f}".rstrip("0").rstrip(".")
 
 
+def tiled_field(
+    one_cell: Any,
+    sites: pd.DataFrame,
+    *,
+    cell_A: Sequence[float],
+    cells: Sequence[int] = (3, 3),
+    electrons_per_probe: float | None = None,
+    seed: int = 0,
+    rows_per_block: int = 16,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """A multi-cell field of view tiled from one-cell periodic data (partial templates).
+
+    Parameters
+    ----------
+    one_cell : array_like (sy, sx, ky, kx)
+        One projected cell on a periodic probe grid. With ``electrons_per_probe`` these must be
+        the noiseless intensities (fractions of the probe intensity).
+    sites : DataFrame
+        Site table of the one-cell scan (Å, scan frame).
+    cell_A : (Ly, Lx)
+        Projected cell [Å] (the one-cell scan covers exactly this).
+    cells : (cy, cx)
+        Field of view in cells.
+    electrons_per_probe : float, optional
+        None: the field is the exact tiling (float32). Otherwise INDEPENDENT Poisson counts
+        (uint32) with expectation ``intensity * electrons_per_probe`` at every probe position.
+    seed : int
+        Seed of the Poisson noise (one stream per block of scan rows).
+
+    Returns
+    -------
+    field : ndarray (cy*sy, cx*sx, ky, kx)
+    field_sites : DataFrame
+        The site table repeated in every cell.
+    """
+    src = np.asarray(one_cell)
+    if src.ndim != 4:
+        raise ValueError(f"one_cell must be (sy, sx, ky, kx), got shape {src.shape}")
+    cy, cx = (int(v) for v in cells)
+    if cy < 1 or cx < 1:
+        raise ValueError(f"cells must be >= 1, got {tuple(cells)}")
+    ly, lx = (float(v) for v in cell_A)
+    sy, sx = src.shape[:2]
+    s = templates.validate_sites(sites)
+    reps = [s.assign(y_A=s["y_A"] + i * ly, x_A=s["x_A"] + j * lx)
+            for i in range(cy) for j in range(cx)]
+    field_sites = pd.concat(reps, ignore_index=True)
+    if electrons_per_probe is None:
+        return np.tile(src.astype(np.float32, copy=False), (cy, cx, 1, 1)), field_sites
+    if not (np.isfinite(electrons_per_probe) and electrons_per_probe > 0):
+        raise ValueError(f"electrons_per_probe must be finite and > 0, got {electrons_per_probe}")
+    lam_cell = np.clip(src.astype(np.float64), 0.0, None) * float(electrons_per_probe)
+    out = np.empty((cy * sy, cx * sx, *src.shape[2:]), np.uint32)
+    for r0 in range(0, cy * sy, rows_per_block):
+        r1 = min(r0 + rows_per_block, cy * sy)
+        rows = np.arange(r0, r1) % sy
+        lam = np.tile(lam_cell[rows], (1, cx, 1, 1))
+        rng = np.random.default_rng([int(seed), 7919, r0])
+        out[r0:r1] = rng.poisson(lam)
+    return out, field_sites
+
+
+def _covers_one_cell(scan_shape, step_A, cell_A) -> bool:
+    if cell_A is None:
+        return False
+    return all(abs(n * st - c) <= 1e-3 * c for n, st, c in zip(scan_shape, step_A, cell_A,
+                                                                  strict=True))
+
+
 def _template_sets(sites, scan_shape, *, step_A, origin_A, periodic, opts, region=None,
                    kinds=None, sigmas=None):
     """``[(kind_tag, kind, sigma_A, {label: template})]`` for the configured template kinds."""
@@ -460,6 +532,7 @@ def analyse_dataset(
     origin_A: Sequence[float] = (0.0, 0.0),
     meta: Mapping[str, Any] | None = None,
     partial_region: np.ndarray | None = None,
+    noiseless: Any = None,
 ) -> xr.Dataset:
     """Every image and mask of the validation for one 4D dataset.
 
@@ -485,6 +558,20 @@ def analyse_dataset(
         Extra JSON-able attributes (structure, thickness_nm, dose_key, ...).
     partial_region : bool array (scan_y, scan_x), optional
         Reference region of the partial templates (default: chosen by :func:`partial_window`).
+        Not used for periodic one-cell scans evaluated on a tiled field (see below).
+    noiseless : array_like (scan_y, scan_x, ky, kx), optional
+        The noiseless intensities behind noisy periodic data (``meta['dose_e_per_A2']`` set):
+        the tiled field of the partial templates gets independent Poisson noise from them.
+
+    Partial templates of periodic one-cell scans (``periodic`` and the scan is one cell): a
+    1/9 window of ONE cell would test a mask from a fraction of a unit cell, not the paper's
+    claim (its window held many cells). With ``partial.tile_cells`` set, a field of that many
+    cells is tiled from the data (:func:`tiled_field`; independent Poisson noise at the
+    dataset's dose when it is noisy), the partial mask comes from a window of ``fraction`` of
+    the field per direction, offset by ``partial.window_offset_cells`` from the cell origin,
+    and the reference (``partialref_*``) is the mask of the whole field; both are applied to
+    the original scan for the images. For noiseless data the window holds exactly one cell,
+    so the two masks agree by periodicity (the comparison is not informative).
 
     Returns
     -------
@@ -583,7 +670,7 @@ def analyse_dataset(
     col.add("icom", icom, None, family="icom", normalisation="raw")
 
     # ---- optimised ADF (Eq. 8 map of the ADF image, r > 0, raw data) ----
-    r_mean = np.asarray(core.pcc_mask(data, adf, normalisation="mean"), np.float64) * valid
+    r_mean = np.asarray(core.pcc_mask(data, adf, normalisation="mean", valid=valid), np.float64)
     r_thr = np.where(r_mean > 0, r_mean, 0.0)
     adf_opt = core.apply_mask(data, r_thr, normalised=False)
     col.add("adf_opt", adf_opt, r_thr, template=adf, family="adf_opt", template_kind="adf",
@@ -592,7 +679,7 @@ def analyse_dataset(
     # ---- eigen-image of C, started from the ADF image ----
     eig_img, eig_mask, eig_val = core.eigen_image(
         data, init=adf, normalisation="pcc", n_iter=opts["eigen"]["n_iter"],
-        tol=opts["eigen"]["tol"])
+        tol=opts["eigen"]["tol"], valid=valid)
     eig_img, eig_mask = np.asarray(eig_img, float), np.asarray(eig_mask, float)
     if _pearson(eig_img, adf) < 0:
         eig_img, eig_mask = -eig_img, -eig_mask
@@ -630,12 +717,24 @@ def analyse_dataset(
 
     # ---- partial templates (mask from a 1/9 window, image everywhere) ----
     regions = {}
-    if opts["partial"]["enabled"]:
+    popt = opts["partial"]
+    tiled = (popt["enabled"] and popt["tile_cells"] is not None and periodic
+             and partial_region is None and _covers_one_cell(scan_shape, step_A, cell_A))
+    dose = (meta or {}).get("dose_e_per_A2")
+    if tiled and dose is not None and noiseless is None:
+        notes.append("partial: noisy periodic data without its noiseless source - independent "
+                     "noise on a tiled field is impossible; 1/9 window of the one-cell scan used")
+        tiled = False
+    if tiled:
+        _partial_tiled(data, stats, col, sites, opts, valid=valid, cell_A=cell_A,
+                       step_A=step_A, origin_A=origin_A, ref_sigma=ref_sigma,
+                       noiseless=noiseless, dose=dose, notes=notes)
+    elif popt["enabled"]:
         if partial_region is not None:
             reg = templates.check_region(partial_region, scan_shape)
         else:
             reg = partial_window(sites, scan_shape, step_A=step_A, origin_A=origin_A,
-                                 fraction=opts["partial"]["fraction"], periodic=periodic)
+                                 fraction=popt["fraction"], periodic=periodic)
         regions["partial"] = reg
         part = []
         for tag, kind, sig, tdict in _template_sets(
@@ -690,19 +789,82 @@ def analyse_dataset(
     )
 
 
+def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valid, cell_A, step_A,
+                   origin_A, ref_sigma, noiseless, dose, notes) -> None:
+    """Partial templates of a periodic one-cell scan, evaluated on a tiled multi-cell field."""
+    from tmask_validate import noise
+
+    popt = opts["partial"]
+    cells = tuple(int(v) for v in popt["tile_cells"])
+    scan_shape = tuple(int(v) for v in data.shape[:2])
+    electrons = None
+    src = data
+    if dose is not None:
+        electrons = noise.electrons_per_probe(float(dose), step_A)
+        src = noiseless
+        if tuple(np.shape(src)) != tuple(data.shape):
+            raise ValueError(f"noiseless shape {np.shape(src)} != data shape {data.shape}")
+    field, fsites = tiled_field(np.asarray(src), sites, cell_A=cell_A, cells=cells,
+                                electrons_per_probe=electrons, seed=int(popt["seed"]))
+    fshape = field.shape[:2]
+    # window: fraction of the field per direction, offset from the cell origin (need not align)
+    wy, wx = (max(1, round(n * popt["fraction"])) for n in fshape)
+    oy, ox = (int(round(o * n)) % f for o, n, f in zip(popt["window_offset_cells"], scan_shape,
+                                                        fshape, strict=True))
+    win = np.zeros(fshape, bool)
+    win[np.ix_(np.arange(oy, oy + wy) % fshape[0], np.arange(ox, ox + wx) % fshape[1])] = True
+    notes.append(f"partial: {cells[0]}x{cells[1]}-cell field tiled from the one-cell scan "
+                 + ("(noiseless: the window holds one whole cell, partial = full mask by "
+                    "periodicity)" if dose is None else
+                    f"(independent Poisson noise, {electrons:.4g} e-/probe)")
+                 + f"; window {wy}x{wx} px at ({oy}, {ox})")
+    kw = dict(step_A=step_A, origin_A=origin_A, periodic=True, opts=opts,
+              kinds=["binary", "gaussian"], sigmas=[ref_sigma])
+    part = _template_sets(fsites, fshape, region=win, **kw)
+    whole = _template_sets(fsites, fshape, **kw)
+    one = {tag: td for tag, _, _, td in _template_sets(sites, scan_shape, **kw)}
+    entries = []
+    for (tag, kind, sig, tp), (_, _, _, tw) in zip(part, whole, strict=True):
+        for lab in tp:
+            if lab in tw:
+                entries.append((tag, kind, sig, lab, tp[lab], tw[lab]))
+    if not entries:
+        return
+    for norm in opts["templates"]["normalisations"]:
+        m_part = np.asarray(core.pcc_mask(field, _stack([(e[3], e[4]) for e in entries]),
+                                          normalisation=norm, region=win, valid=valid))
+        m_full = np.asarray(core.pcc_mask(field, _stack([(e[3], e[5]) for e in entries]),
+                                          normalisation=norm, valid=valid))
+        m_part = m_part.reshape(len(entries), *valid.shape)
+        m_full = m_full.reshape(len(entries), *valid.shape)
+        both = np.concatenate([m_part, m_full])
+        imgs = np.asarray(core.apply_mask(data, both, normalised=True, normalisation=norm,
+                                          stats=stats, valid=valid))
+        imgs = imgs.reshape(2 * len(entries), *scan_shape)
+        for i, (tag, kind, sig, lab, _, _) in enumerate(entries):
+            c = dict(family="partial", label=lab, template_kind=kind, sigma_A=sig)
+            t1 = one.get(tag, {}).get(lab)
+            col.add(f"partial_{norm}_{tag}_{lab}", imgs[i], m_part[i], template=t1,
+                    normalisation=norm, region="partial_tiled", **c)
+            col.add(f"partialref_{norm}_{tag}_{lab}", imgs[len(entries) + i], m_full[i],
+                    template=t1, normalisation=norm, region="tiled_full",
+                    **{**c, "family": "partial_ref"})
+
+
 def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, region, valid):
     """PCC masks of a stack of templates (one pass per normalisation; pixels outside ``valid``
-    set to 0) and their Eq. 7 images (one pass per normalisation, all-position statistics)."""
+    left out by the core ``valid`` keyword: mask 0 there) and their Eq. 7 images (one pass per
+    normalisation, all-position statistics)."""
     if not entries:
         return
     stack = _stack([(n, t) for n, t, _ in entries])
     for norm in opts["templates"]["normalisations"]:
-        masks = np.asarray(core.pcc_mask(data, stack, normalisation=norm, region=region))
+        masks = np.asarray(core.pcc_mask(data, stack, normalisation=norm, region=region,
+                                         valid=valid))
         if masks.ndim == 2:
             masks = masks[None]
-        masks = masks * valid[None]
         imgs = np.asarray(core.apply_mask(data, masks, normalised=True, normalisation=norm,
-                                          stats=stats))
+                                          stats=stats, valid=valid))
         if imgs.ndim == 2:
             imgs = imgs[None]
         for i, (name, t, coords) in enumerate(entries):
@@ -838,7 +1000,8 @@ def dataset_metrics(
       its input template over the evaluation region - how far the output just reproduces the
       template. Wrong-site controls with a high value would reveal template bias;
     - ``mask_similarity`` (species = the reference entry): partial and split-half masks vs the
-      full-scan mask of the same template; ``image_similarity``: eigen-image vs ADF image.
+      full-scan mask of the same template (partial masks of a tiled field: vs the
+      ``partialref_*`` mask of the whole field); ``image_similarity``: eigen-image vs ADF image.
 
     Returns
     -------
@@ -921,6 +1084,8 @@ def dataset_metrics(
         for prefix in ("partial_", "half_"):
             if name.startswith(prefix) and not name.startswith("half_ctl_"):
                 ref = "tm_" + name[len(prefix):]
+                if prefix == "partial_" and "partialref_" + name[len(prefix):] in idx:
+                    ref = "partialref_" + name[len(prefix):]  # tiled multi-cell field
                 if ref in idx:
                     try:
                         val = metrics.mask_similarity(masks[idx[name]], masks[idx[ref]])

@@ -24,6 +24,7 @@ body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:1em;c
 table{border-collapse:collapse;font-size:12px;margin:0.5em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
 tr.pass td.res{background:#d8f5d8} tr.fail td.res{background:#f8d0d0}
+tr.na td.res{background:#e8e8e8}
 figure{margin:1.5em 0;border-top:1px solid #ddd;padding-top:0.5em}
 figure img{max-width:100%} figcaption{font-size:13px;color:#444}
 pre{white-space:pre-wrap;font-size:12px;background:#f6f6f6;padding:0.5em}
@@ -111,7 +112,9 @@ def build_report(
               .reset_index())
         parts.append("<h3>Summary</h3>" + _table(by))
         parts.append("<h3>All checks</h3>" + _table(
-            claims, classes=lambda r: "pass" if str(r["passed"]).lower() == "true" else "fail"))
+            claims, classes=lambda r: (
+                "pass" if str(r["passed"]).lower() == "true" else
+                "na" if str(r.get("status", "")) == "uninformative" else "fail")))
     parts.append("<h2>Figures</h2>")
     for f in figs:
         png = figures_manifest.parent / f["png"]

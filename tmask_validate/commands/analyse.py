@@ -74,6 +74,7 @@ def _load_store_dataset(path: Path, thickness_nm: float | None):
         else:
             i = int(np.argmin(np.abs(th - thickness_nm)))
         inten = inten.isel(thickness=i)
+        meta["thickness_index"] = i
         meta["thickness_nm"] = float(th[i])
         if thickness_nm is not None:
             meta["thickness_config_nm"] = float(thickness_nm)
@@ -83,7 +84,23 @@ def _load_store_dataset(path: Path, thickness_nm: float | None):
     periodic = bool(ds.attrs.get("periodic", False))
     origin = (float(ds["scan_y"].values[0]), float(ds["scan_x"].values[0]))
     sites = sites_from_dataset(ds)
+    if ds.attrs.get("source_store"):
+        meta["source_store"] = str(ds.attrs["source_store"])
     return inten.data, sites, cal, cell, periodic, origin, meta
+
+
+def _noiseless_source(meta: dict, shape) -> np.ndarray | None:
+    """Noiseless intensities behind a noisy periodic store (its ``source_store``), or None."""
+    from tmask_validate.simulate import load_store
+
+    src = meta.get("source_store")
+    if meta.get("dose_e_per_A2") is None or not src or not Path(src).exists():
+        return None
+    inten = load_store(Path(src))["intensity"]
+    if "thickness" in inten.dims:
+        inten = inten.isel(thickness=int(meta.get("thickness_index", 0)))
+    out = np.asarray(inten.data)
+    return out if out.shape == tuple(shape) else None
 
 
 def _materialise(data):
@@ -178,8 +195,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dose_key:
         meta["dose_key"] = args.dose_key
     meta.setdefault("dose_key", "noiseless" if meta.get("dose_e_per_A2") is None else "")
+    noiseless = None
+    if is_store and periodic and not experimental and opts["partial"]["tile_cells"]:
+        noiseless = _noiseless_source(meta, data.shape)
+    for key in ("thickness_index", "source_store"):
+        meta.pop(key, None)
     return _finish(args, data, sites, cal, cell, periodic, origin, meta, opts, t0,
-                   experimental=experimental, region=region)
+                   experimental=experimental, region=region, noiseless=noiseless)
 
 
 def _run_experiment(args, cfg, opts, t0) -> int:
@@ -211,11 +233,12 @@ def _run_experiment(args, cfg, opts, t0) -> int:
 
 
 def _finish(args, data, sites, cal, cell, periodic, origin, meta, opts, t0, *, experimental,
-            region) -> int:
+            region, noiseless=None) -> int:
     from tmask_validate.analysis import analyse_dataset, dataset_metrics
 
     ads = analyse_dataset(data, sites, cal, cell_A=cell, periodic=periodic, options=opts,
-                          origin_A=origin, meta=meta, partial_region=region)
+                          origin_A=origin, meta=meta, partial_region=region,
+                          noiseless=noiseless)
     ads.attrs["wall_time_s"] = float(time.time() - t0)
     out = Path(args.out)
     tmp = _atomic_path(out)

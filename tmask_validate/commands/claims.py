@@ -38,7 +38,11 @@ def run(args: argparse.Namespace) -> int:
     claims.to_csv(tmp, index=False, float_format="%.4g")
     tmp.replace(out)
     n_pass = int(claims["passed"].sum()) if len(claims) else 0
-    print(f"claims: {n_pass}/{len(claims)} passed -> {out}")
+    na = claims["status"].eq("uninformative") if len(claims) else claims["passed"]
+    print(f"claims: {n_pass}/{len(claims) - int(na.sum())} passed"
+          + (f" ({int(na.sum())} uninformative)" if na.any() else "") + f" -> {out}")
     for cid, g in claims.groupby("claim_id", sort=False):
-        print(f"  {cid:32s} {int(g['passed'].sum())}/{len(g)} datasets pass")
+        g_na = int(g["status"].eq("uninformative").sum())
+        print(f"  {cid:32s} {int(g['passed'].sum())}/{len(g) - g_na} datasets pass"
+              + (f" ({g_na} uninformative)" if g_na else ""))
     return 0
