@@ -333,7 +333,7 @@ def test_partial_on_one_cell_noiseless_scan_is_tiled_and_trivial(analysed):
     sims = _partial_sims(met)
     assert set(sims["region"]) == {"partial_tiled"}
     assert set(sims["species"]) == {n.replace("partial_", "partialref_") for n in sims["name"]}
-    assert sims["value"].min() > 0.999
+    assert sims["value"].min() > 1 - 1e-9  # binary too: tiled templates are exactly periodic
     # the whole tiled field gives the same mask as the one-cell scan (periodicity)
     for lab in ("Hv", "Md", "Lt"):
         np.testing.assert_allclose(ads["masks"].sel(name=f"partialref_pcc_g0.35_{lab}"),

@@ -804,7 +804,7 @@ def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valid, cell_A, 
         src = noiseless
         if tuple(np.shape(src)) != tuple(data.shape):
             raise ValueError(f"noiseless shape {np.shape(src)} != data shape {data.shape}")
-    field, fsites = tiled_field(np.asarray(src), sites, cell_A=cell_A, cells=cells,
+    field, _ = tiled_field(np.asarray(src), sites, cell_A=cell_A, cells=cells,
                                 electrons_per_probe=electrons, seed=int(popt["seed"]))
     fshape = field.shape[:2]
     # window: fraction of the field per direction, offset from the cell origin (need not align)
@@ -818,16 +818,19 @@ def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valid, cell_A, 
                     "periodicity)" if dose is None else
                     f"(independent Poisson noise, {electrons:.4g} e-/probe)")
                  + f"; window {wy}x{wx} px at ({oy}, {ox})")
-    kw = dict(step_A=step_A, origin_A=origin_A, periodic=True, opts=opts,
-              kinds=["binary", "gaussian"], sigmas=[ref_sigma])
-    part = _template_sets(fsites, fshape, region=win, **kw)
-    whole = _template_sets(fsites, fshape, **kw)
-    one = {tag: td for tag, _, _, td in _template_sets(sites, scan_shape, **kw)}
+    # field templates = the one-cell templates tiled (exactly periodic: building them from the
+    # tiled site table would round half-pixel sites differently in different cells), zero
+    # outside the window for the partial ones (templates.make_template(region=...) semantics)
+    one = _template_sets(sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=True,
+                         opts=opts, kinds=["binary", "gaussian"], sigmas=[ref_sigma])
     entries = []
-    for (tag, kind, sig, tp), (_, _, _, tw) in zip(part, whole, strict=True):
-        for lab in tp:
-            if lab in tw:
-                entries.append((tag, kind, sig, lab, tp[lab], tw[lab]))
+    for tag, kind, sig, td in one:
+        for lab, t1 in td.items():
+            tw = np.tile(np.asarray(t1, np.float64), cells)
+            if np.ptp(tw[win]) > 0:
+                entries.append((tag, kind, sig, lab, tw * win, tw, t1))
+            else:
+                notes.append(f"partial: {tag} {lab} template is constant in the window; skipped")
     if not entries:
         return
     for norm in opts["templates"]["normalisations"]:
@@ -841,9 +844,8 @@ def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valid, cell_A, 
         imgs = np.asarray(core.apply_mask(data, both, normalised=True, normalisation=norm,
                                           stats=stats, valid=valid))
         imgs = imgs.reshape(2 * len(entries), *scan_shape)
-        for i, (tag, kind, sig, lab, _, _) in enumerate(entries):
+        for i, (tag, kind, sig, lab, _, _, t1) in enumerate(entries):
             c = dict(family="partial", label=lab, template_kind=kind, sigma_A=sig)
-            t1 = one.get(tag, {}).get(lab)
             col.add(f"partial_{norm}_{tag}_{lab}", imgs[i], m_part[i], template=t1,
                     normalisation=norm, region="partial_tiled", **c)
             col.add(f"partialref_{norm}_{tag}_{lab}", imgs[len(entries) + i], m_full[i],
