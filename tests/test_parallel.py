@@ -193,6 +193,30 @@ def test_matches_core(client, zarr_data, raw, templates, normalisation, region):
                                rtol=RTOL, atol=1e-13)
 
 
+@pytest.mark.parametrize("normalisation", ["pcc", "mean"])
+def test_valid_pixels_match_core(client, zarr_data, raw, templates, normalisation):
+    """The ``valid`` detector-pixel keyword behaves exactly as in the core (0 outside)."""
+    core = pytest.importorskip("tmask_validate.core")
+    valid = np.ones(DET, bool)
+    valid[0, :3] = False
+    valid[5, 7] = False
+    got_mask, got_img = parallel.template_mask_image(zarr_data, templates, region=REGION,
+                                                     normalisation=normalisation, valid=valid)
+    want_mask, want_img = core.template_mask_image(raw, templates, region=REGION,
+                                                   normalisation=normalisation, valid=valid)
+    assert np.all(got_mask[:, ~valid] == 0)
+    np.testing.assert_allclose(got_mask, want_mask, rtol=RTOL, atol=1e-13)
+    np.testing.assert_allclose(got_img, want_img, rtol=RTOL,
+                               atol=1e-9 * np.abs(want_img).max())
+    st = parallel.column_stats(zarr_data, valid=valid)
+    ref = core.column_stats(raw)
+    assert np.all(st.std[~valid] == 0) and np.any(ref.std[~valid] > 0)
+    np.testing.assert_allclose(st.std[valid], ref.std[valid], rtol=1e-9, atol=1e-12)
+    w = np.random.default_rng(1).standard_normal(DET)
+    np.testing.assert_allclose(parallel.apply_mask(zarr_data, w, valid=valid),
+                               core.apply_mask(raw, w, valid=valid), rtol=1e-9, atol=1e-9)
+
+
 def test_float_data_and_numpy_input(raw, templates):
     """Plain numpy float32 input (converted to dask here), default threaded scheduler."""
     f = raw.astype(np.float32) / 7.0

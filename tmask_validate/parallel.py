@@ -39,7 +39,9 @@ from .core._pcc import (
     _check_region,
     _check_stats,
     _check_templates,
+    _check_valid,
     _pcc_from,
+    _restrict_stats,
     _standardise_templates,
     _weights_for,
 )
@@ -127,7 +129,8 @@ def _shifted_sums(y, region: np.ndarray | None):
     return yw.sum(axis=(0, 1)), (yw * y).sum(axis=(0, 1))
 
 
-def _stats_and_products(data, template, normalisation, region, all_stats, compute_kwargs):
+def _stats_and_products(data, template, normalisation, region, all_stats, compute_kwargs,
+                        valid=None):
     """Pass 1 as one dask computation: region stats, ``t̂ᵀ(D - c)``, optional all-position stats."""
     import dask.array as da
 
@@ -135,6 +138,7 @@ def _stats_and_products(data, template, normalisation, region, all_stats, comput
     _check_normalisation(normalisation)
     t, single = _check_templates(template, info)
     reg = _check_region(region, info)
+    val = _check_valid(valid, info)
     that = _standardise_templates(t, reg).reshape((-1, *info.scan_shape))
     x = as_dask(data)
     iy, ix = _first_position(reg, info.scan_shape[1])
@@ -150,15 +154,16 @@ def _stats_and_products(data, template, normalisation, region, all_stats, comput
     res = _compute(*lazy, **compute_kwargs)
     c = res[0]
     count = info.m if reg is None else int(reg.sum())
-    stats = _stats_from_sums(res[1], res[2], c, count)
+    stats = _restrict_stats(_stats_from_sums(res[1], res[2], c, count), val)
     all_st = stats if reg is None else (
-        _stats_from_sums(res[4], res[5], c, info.m) if want_all else None)
+        _restrict_stats(_stats_from_sums(res[4], res[5], c, info.m), val) if want_all else None)
     products = SimpleNamespace(acc=res[3].reshape(that.shape[0], info.n), count=count)
     r = _pcc_from(products, stats, normalisation).reshape((-1, *info.det_shape))
     return (r[0] if single else r), stats, all_st
 
 
-def column_stats(data: Any, *, region: Any = None, **compute_kwargs) -> ColumnStats:
+def column_stats(data: Any, *, region: Any = None, valid: Any = None,
+                 **compute_kwargs) -> ColumnStats:
     """Column (pixel-STEM image) mean and population std as one dask computation.
 
     Parameters
@@ -167,6 +172,8 @@ def column_stats(data: Any, *, region: Any = None, **compute_kwargs) -> ColumnSt
         4D ``[scan_y, scan_x, ky, kx]`` (dask arrays are used as they are chunked).
     region : bool array (scan_y, scan_x), optional
         Only these probe positions are used.
+    valid : bool array (ky, kx), optional
+        Detector pixels to use; the others get ``std = 0`` (as in the core).
     **compute_kwargs
         Passed to ``dask.compute`` (e.g. ``scheduler=``); by default an active
         ``distributed.Client`` is used.
@@ -178,30 +185,33 @@ def column_stats(data: Any, *, region: Any = None, **compute_kwargs) -> ColumnSt
     """
     info = check_data(data)
     reg = _check_region(region, info)
+    val = _check_valid(valid, info)
     x = as_dask(data)
     iy, ix = _first_position(reg, info.scan_shape[1])
     shift = x[iy, ix].astype(np.float64)
     y = x.astype(np.float64) - shift
     c, s1, s2 = _compute(shift, *_shifted_sums(y, reg), **compute_kwargs)
     count = info.m if reg is None else int(reg.sum())
-    return _stats_from_sums(s1, s2, c, count)
+    return _restrict_stats(_stats_from_sums(s1, s2, c, count), val)
 
 
 def pcc_mask(data: Any, template: Any, *, normalisation: str = "pcc", region: Any = None,
-             **compute_kwargs) -> np.ndarray:
+             valid: Any = None, **compute_kwargs) -> np.ndarray:
     """PCC mask(s) of template image(s) with every pixel-STEM image, as a dask graph.
 
     Same semantics as :func:`tmask_validate.core.pcc_mask` (Eqs. 4-6, 8, 9): ``template`` is
     ``(scan_y, scan_x)`` or ``(k, scan_y, scan_x)``; ``normalisation`` ``"pcc"`` or ``"mean"``;
     ``region`` restricts the template normalisation, column statistics and correlation to a
-    subset of probe positions (partial templates); zero-variance columns give 0.
+    subset of probe positions (partial templates); zero-variance columns, and detector pixels
+    outside ``valid`` (bool ``(ky, kx)``), give 0.
 
     Returns
     -------
     ndarray
         ``(ky, kx)`` or ``(k, ky, kx)`` float64.
     """
-    r, _, _ = _stats_and_products(data, template, normalisation, region, False, compute_kwargs)
+    r, _, _ = _stats_and_products(data, template, normalisation, region, False, compute_kwargs,
+                                  valid)
     return r
 
 
@@ -220,13 +230,14 @@ def _apply(data, w: np.ndarray, mu: np.ndarray, info, compute_kwargs) -> np.ndar
 
 def apply_mask(data: Any, mask: Any, *, normalised: bool = True, normalisation: str = "pcc",
                threshold: float | None = None, stats: ColumnStats | None = None,
-               **compute_kwargs) -> np.ndarray:
+               valid: Any = None, **compute_kwargs) -> np.ndarray:
     """Apply detector mask(s) to every pattern (Eq. 7, or Eq. 2 raw), as a dask graph.
 
     Same semantics as :func:`tmask_validate.core.apply_mask`: with ``normalised`` the columns
     are normalised with all-position statistics (computed here in one extra dask pass unless
     ``stats`` is given), ``threshold`` zeroes mask values ``<= threshold`` first, zero-variance
-    columns contribute nothing; the result is the plain sum over detector pixels.
+    columns and detector pixels outside ``valid`` contribute nothing; the result is the plain
+    sum over detector pixels.
 
     Returns
     -------
@@ -240,11 +251,15 @@ def apply_mask(data: Any, mask: Any, *, normalised: bool = True, normalisation: 
         if not np.isfinite(threshold):
             raise ValueError("threshold must be finite")
         w = np.where(w > threshold, w, 0.0)
+    val = _check_valid(valid, info)
+    if val is not None:
+        w = np.where(val[None], w, 0.0)
     if normalised:
         if stats is None:
             stats = column_stats(data, **compute_kwargs)
         else:
             stats = _check_stats(stats, info)
+        stats = _restrict_stats(stats, val)
         wn = _weights_for(w, stats, normalisation)
         mu = stats.mean.reshape(-1)
     else:
@@ -255,6 +270,7 @@ def apply_mask(data: Any, mask: Any, *, normalised: bool = True, normalisation: 
 
 def template_mask_image(data: Any, template: Any, *, normalisation: str = "pcc",
                         region: Any = None, threshold: float | None = None,
+                        valid: Any = None,
                         **compute_kwargs) -> tuple[np.ndarray, np.ndarray]:
     """PCC mask from a template and the image it gives, in two dask passes.
 
@@ -267,7 +283,7 @@ def template_mask_image(data: Any, template: Any, *, normalisation: str = "pcc",
         ``(ky, kx)`` and ``(scan_y, scan_x)`` float64 (stacks for a template stack).
     """
     r, _, all_st = _stats_and_products(data, template, normalisation, region, True,
-                                       compute_kwargs)
+                                       compute_kwargs, valid)
     img = apply_mask(data, r, normalised=True, normalisation=normalisation,
-                     threshold=threshold, stats=all_st, **compute_kwargs)
+                     threshold=threshold, stats=all_st, valid=valid, **compute_kwargs)
     return r, img
