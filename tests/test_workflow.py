@@ -41,10 +41,18 @@ def _cli() -> str:
 
 
 def _run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    # PATH deliberately left as it is: `tmask-validate workflow` must make the rules find the
+    # CLI of its own installation even when the virtual environment is not activated (CI runs
+    # `.venv/bin/python -m pytest` without activating it, as the README's quick start does).
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_workflow_env_puts_own_bin_first(monkeypatch):
+    from tmask_validate.commands.workflow import workflow_env
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    first = workflow_env()["PATH"].split(os.pathsep)[0]
+    assert first == str(Path(sys.executable).parent)
 
 
 def _job_counts(text: str) -> dict[str, int]:

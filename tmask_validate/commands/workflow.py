@@ -11,6 +11,7 @@ arguments after ``--`` are passed to snakemake unchanged (e.g. ``-- --forceall``
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def snakemake_command(args: argparse.Namespace) -> list[str]:
     from tmask_validate.config import load_config
 
     cfg = load_config(args.config)
-    exe = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
+    local = Path(sys.executable).parent / "snakemake"
+    exe = str(local) if local.exists() else (shutil.which("snakemake") or "snakemake")
     snakefile = Path(args.snakefile) if args.snakefile else find_snakefile()
     cmd = [exe, "--snakefile", str(snakefile), "--configfile", str(Path(args.config).resolve()),
            "--cores", str(args.cores), "--rerun-triggers", *cfg["workflow"]["rerun_triggers"],
@@ -66,12 +68,24 @@ def snakemake_command(args: argparse.Namespace) -> list[str]:
     return cmd + extra
 
 
+def workflow_env() -> dict[str, str]:
+    """Environment for snakemake and its jobs.
+
+    This interpreter's ``bin`` folder goes first on ``PATH`` so that every rule finds the
+    ``tmask-validate`` (and ``snakemake``) of the same installation, also when the command was
+    started as ``.venv/bin/tmask-validate`` without activating the virtual environment.
+    """
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
 def run(args: argparse.Namespace) -> int:
     from tmask_validate.config import load_config
 
     cmd = snakemake_command(args)
     print("+ " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd)
+    rc = subprocess.call(cmd, env=workflow_env())
     cfg = load_config(args.config)
     base = Path(args.directory) if args.directory else Path.cwd()
     report = (base / cfg["workflow"]["results_dir"] / "report" / "report.html").resolve()
