@@ -83,6 +83,8 @@ def validate_structure(cfg: dict, structure: str, args: argparse.Namespace,
     n_conf = int(args.configurations)
     lib_cfg = copy.deepcopy(cfg)
     lib_cfg["simulation"]["phonons"]["configurations"] = n_conf
+    if args.library_nm:
+        lib_cfg["structures"][structure]["thicknesses_nm"] = [float(t) for t in args.library_nm]
     # held-out first: a library store being written elsewhere may be complete by then
     held_cfg = copy.deepcopy(lib_cfg)
     held_cfg["seed"] = int(args.held_out_seed)
@@ -92,7 +94,7 @@ def validate_structure(cfg: dict, structure: str, args: argparse.Namespace,
         cache / f"heldout_{structure}_seed{args.held_out_seed}_c{n_conf}_"
                 f"{'-'.join(f'{t:g}' for t in args.held_out_nm)}.zarr", log)
     lib_path = None
-    if args.library_store:
+    if args.library_store and not args.library_nm:
         cand = Path(args.library_store.format(structure=structure))
         if _store_ok(cand):
             lib_path = cand
@@ -100,9 +102,10 @@ def validate_structure(cfg: dict, structure: str, args: argparse.Namespace,
         else:
             log.append(f"  library store {cand} missing or incomplete: simulating one")
     if lib_path is None:
+        tag = "_" + "-".join(f"{t:g}" for t in args.library_nm) if args.library_nm else ""
         lib_path = _simulate_cached(
-            lib_cfg, structure, cache / f"library_{structure}_seed{cfg['seed']}_c{n_conf}.zarr",
-            log)
+            lib_cfg, structure,
+            cache / f"library_{structure}_seed{cfg['seed']}_c{n_conf}{tag}.zarr", log)
     lib_ds = simulate.load_store(lib_path)
     lib_info = (f"  library {lib_path}: thicknesses "
                 f"{[round(float(t), 2) for t in lib_ds['thickness'].values]} nm, "
@@ -173,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="config/default.yaml")
     ap.add_argument("--structures", nargs="+", default=["LiFePO4_001"])
     ap.add_argument("--held-out-nm", type=float, nargs="+", default=[25, 35, 45, 55, 65, 75])
+    ap.add_argument("--library-nm", type=float, nargs="+", default=None,
+                    help="library thicknesses (default: the config's series); implies "
+                         "simulating the library here (--library-store is ignored)")
     ap.add_argument("--configurations", type=int, default=1,
                     help="frozen-phonon configurations of library and held-out runs")
     ap.add_argument("--held-out-seed", type=int, default=None,
