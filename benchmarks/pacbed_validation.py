@@ -24,6 +24,7 @@ Usage::
 
     nice -n 19 python benchmarks/pacbed_validation.py [--structures LiFePO4_001 PbTiO3_100]
         [--held-out-nm 25 35 45 55 65 75] [--dose 1e5] [--cache /tmp/pacbed_validation]
+        [--library-store 'RUN/results/simulate/{structure}.zarr' | --library-nm 10 20 ... 90]
 
 Writes the table (true, fitted ± uncertainty, error, pass |error| <= 5 nm) and wall/CPU times
 to ``--out`` (default benchmarks/results-pacbed-validation.txt) and prints it.
