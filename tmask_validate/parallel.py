@@ -34,7 +34,7 @@ import numpy as np
 
 from .core import ColumnStats
 from .core._pcc import (
-    _check_masks,
+    _apply_weights,
     _check_normalisation,
     _check_region,
     _check_stats,
@@ -246,14 +246,7 @@ def apply_mask(data: Any, mask: Any, *, normalised: bool = True, normalisation: 
     """
     info = check_data(data)
     _check_normalisation(normalisation)
-    w, single = _check_masks(mask, info)
-    if threshold is not None:
-        if not np.isfinite(threshold):
-            raise ValueError("threshold must be finite")
-        w = np.where(w > threshold, w, 0.0)
-    val = _check_valid(valid, info)
-    if val is not None:
-        w = np.where(val[None], w, 0.0)
+    w, single, val = _apply_weights(mask, info, threshold, valid)
     if normalised:
         if stats is None:
             stats = column_stats(data, **compute_kwargs)

@@ -413,6 +413,23 @@ def pcc_mask(
     return r
 
 
+def _apply_weights(mask, info, threshold, valid):
+    """Checked mask stack with the threshold and the valid-pixel mask applied.
+
+    Returns ``(w, single, valid)``: ``w`` is ``(k, n)`` float64, ``single`` whether one mask was
+    given, ``valid`` the checked boolean pixel mask (or ``None``).
+    """
+    w, single = _check_masks(mask, info)
+    if threshold is not None:
+        if not np.isfinite(threshold):
+            raise ValueError("threshold must be finite")
+        w = np.where(w > threshold, w, 0.0)
+    val = _check_valid(valid, info)
+    if val is not None:
+        w = np.where(val[None], w, 0.0)
+    return w, single, val
+
+
 def apply_mask(
     data: Any,
     mask: Any,
@@ -457,14 +474,7 @@ def apply_mask(
     """
     info = check_data(data)
     _check_normalisation(normalisation)
-    w, single = _check_masks(mask, info)
-    if threshold is not None:
-        if not np.isfinite(threshold):
-            raise ValueError("threshold must be finite")
-        w = np.where(w > threshold, w, 0.0)
-    val = _check_valid(valid, info)
-    if val is not None:
-        w = np.where(val[None], w, 0.0)
+    w, single, val = _apply_weights(mask, info, threshold, valid)
     if normalised:
         st = column_stats(data, chunk_bytes=chunk_bytes) if stats is None else _check_stats(
             stats, info)
