@@ -97,46 +97,39 @@ def _restrict_stats(stats: ColumnStats, valid: np.ndarray | None) -> ColumnStats
     return ColumnStats(mean=stats.mean, std=std, count=stats.count)
 
 
+def _check_stack(arr: Any, what: str, shape: tuple[int, int], shape_name: str,
+                 size: int) -> tuple[np.ndarray, bool]:
+    """Return one image or a stack of ``shape`` images as float64 ``(k, size)``.
+
+    Also returns whether a single image was given; ``what`` names the input in error messages.
+    """
+    a = np.asarray(arr)
+    if a.dtype.kind not in "uifb":
+        raise TypeError(f"{what} must be real-valued, got dtype {a.dtype}")
+    single = a.ndim == 2
+    if single:
+        a = a[None]
+    if a.ndim != 3 or a.shape[1:] != shape:
+        raise ValueError(
+            f"{what} shape {np.shape(arr)} must be the {shape_name} shape {shape} "
+            f"or a stack (k, {shape[0]}, {shape[1]})"
+        )
+    if a.shape[0] == 0:
+        raise ValueError(f"{what} stack is empty")
+    a = a.astype(np.float64).reshape(a.shape[0], size)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{what} contains NaN or Inf")
+    return a, single
+
+
 def _check_templates(template: Any, info: DataInfo) -> tuple[np.ndarray, bool]:
     """Return templates as float64 (k, m) and whether a single template was given."""
-    t = np.asarray(template)
-    if t.dtype.kind not in "uifb":
-        raise TypeError(f"template must be real-valued, got dtype {t.dtype}")
-    single = t.ndim == 2
-    if single:
-        t = t[None]
-    if t.ndim != 3 or t.shape[1:] != info.scan_shape:
-        raise ValueError(
-            f"template shape {np.shape(template)} must be the scan shape {info.scan_shape} "
-            f"or a stack (k, {info.scan_shape[0]}, {info.scan_shape[1]})"
-        )
-    if t.shape[0] == 0:
-        raise ValueError("template stack is empty")
-    t = t.astype(np.float64).reshape(t.shape[0], info.m)
-    if not np.all(np.isfinite(t)):
-        raise ValueError("template contains NaN or Inf")
-    return t, single
+    return _check_stack(template, "template", info.scan_shape, "scan", info.m)
 
 
 def _check_masks(mask: Any, info: DataInfo) -> tuple[np.ndarray, bool]:
     """Return masks as float64 (k, n) and whether a single mask was given."""
-    w = np.asarray(mask)
-    if w.dtype.kind not in "uifb":
-        raise TypeError(f"mask must be real-valued, got dtype {w.dtype}")
-    single = w.ndim == 2
-    if single:
-        w = w[None]
-    if w.ndim != 3 or w.shape[1:] != info.det_shape:
-        raise ValueError(
-            f"mask shape {np.shape(mask)} must be the detector shape {info.det_shape} "
-            f"or a stack (k, {info.det_shape[0]}, {info.det_shape[1]})"
-        )
-    if w.shape[0] == 0:
-        raise ValueError("mask stack is empty")
-    w = w.astype(np.float64).reshape(w.shape[0], info.n)
-    if not np.all(np.isfinite(w)):
-        raise ValueError("mask contains NaN or Inf")
-    return w, single
+    return _check_stack(mask, "mask", info.det_shape, "detector", info.n)
 
 
 def _standardise_templates(t: np.ndarray, region: np.ndarray | None) -> np.ndarray:
