@@ -38,11 +38,10 @@ from .core._pcc import (
     _check_normalisation,
     _check_region,
     _check_stats,
-    _check_templates,
     _check_valid,
     _pcc_from,
+    _prepare_templates,
     _restrict_stats,
-    _standardise_templates,
     _weights_for,
 )
 from .core._stream import check_data
@@ -134,12 +133,9 @@ def _stats_and_products(data, template, normalisation, region, all_stats, comput
     """Pass 1 as one dask computation: region stats, ``t̂ᵀ(D - c)``, optional all-position stats."""
     import dask.array as da
 
-    info = check_data(data)
-    _check_normalisation(normalisation)
-    t, single = _check_templates(template, info)
-    reg = _check_region(region, info)
-    val = _check_valid(valid, info)
-    that = _standardise_templates(t, reg).reshape((-1, *info.scan_shape))
+    info, single, reg, val, that = _prepare_templates(data, template, normalisation, region,
+                                                      valid)
+    that = that.reshape((-1, *info.scan_shape))
     x = as_dask(data)
     iy, ix = _first_position(reg, info.scan_shape[1])
     shift = x[iy, ix].astype(np.float64)

@@ -337,14 +337,23 @@ def column_stats(
     return _restrict_stats(main.stats(info.det_shape), val)
 
 
-def _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes, all_stats,
-                        valid=None):
+def _prepare_templates(data, template, normalisation, region, valid):
+    """Check the inputs of a template pass; returns ``(info, single, region, valid, t̂)``.
+
+    ``t̂`` is the ``(k, m)`` float64 stack standardised over the region (Eq. 4 for templates).
+    """
     info = check_data(data)
     _check_normalisation(normalisation)
     t, single = _check_templates(template, info)
     reg = _check_region(region, info)
     val = _check_valid(valid, info)
-    that = _standardise_templates(t, reg)
+    return info, single, reg, val, _standardise_templates(t, reg)
+
+
+def _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes, all_stats,
+                        valid=None):
+    info, single, reg, val, that = _prepare_templates(data, template, normalisation, region,
+                                                      valid)
     main, extra = _pass_stats_products(data, info, that, reg, all_stats=all_stats,
                                        chunk_bytes=chunk_bytes)
     stats = _restrict_stats(main.stats(info.det_shape), val)
