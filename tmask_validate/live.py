@@ -63,6 +63,9 @@ __all__ = [
     "LiveView",
     "read_live_store",
     "png_bytes",
+    "MaskSet",
+    "load_masks",
+    "load_stats",
 ]
 
 MPX_PREFIX_BYTES = 15  # b"MPX," + 10 digits + b","
@@ -919,3 +922,193 @@ class LiveView:
 
 def log_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# masks and statistics from files
+# ----------------------------------------------------------------------------------------------
+def _grid_of(coord: np.ndarray) -> tuple[float, float]:
+    """(mrad_per_px, centre px) of a regular, increasing mrad coordinate."""
+    c = np.asarray(coord, float)
+    step = float(c[1] - c[0])
+    if step <= 0 or not np.allclose(np.diff(c), step, rtol=1e-6, atol=1e-9):
+        raise ValueError("mask detector coordinates (mrad) must be regular and increasing")
+    return step, float(-c[0] / step)
+
+
+def _analysis_thickness_nm(path: Path) -> float | None:
+    import xarray as xr
+
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        meta = json.loads(ds.attrs.get("meta", "{}") or "{}")
+    t = meta.get("thickness_nm")
+    return None if t is None else float(t)
+
+
+@dataclass
+class MaskSet:
+    """Masks read from a file: ``(k, ky, kx)`` plus names, source and detector grid (mrad)."""
+
+    masks: np.ndarray
+    names: list[str]
+    source: str
+    mrad_per_px: tuple[float, float] | None = None
+    center_px: tuple[float, float] | None = None
+    thickness_nm: float | None = None
+    resampled: bool = False
+
+
+def load_masks(
+    paths: str | Path | Sequence[str | Path],
+    *,
+    names: Sequence[str] | None = None,
+    thickness_nm: float | None = None,
+    det_shape: tuple[int, int] | None = None,
+    mrad_per_px: Sequence[float] | None = None,
+    center_px: Sequence[float] | None = None,
+) -> MaskSet:
+    """Read a mask stack for live imaging.
+
+    Parameters
+    ----------
+    paths : path or sequence of paths
+        ``.npy`` ``(k, ky, kx)`` or ``(ky, kx)``; ``.npz`` (array ``masks`` + optional
+        ``names``, or one array per mask named by its key); a zarr group/array (array
+        ``masks``, names in its ``names`` attribute); or an ``analyse`` output ``.nc`` (its
+        ``masks`` by ``name``, only those with ``has_mask``). Several ``.nc`` files form a
+        library over thickness: ``thickness_nm`` picks the one whose analysed thickness
+        (``meta.thickness_nm``) is nearest.
+    names : sequence of str, optional
+        Keep only these masks, in this order.
+    thickness_nm : float, optional
+        Library thickness to use (required with several ``.nc`` files).
+    det_shape, mrad_per_px, center_px : optional
+        The live detector's grid. Given (all three) for ``.nc`` masks (whose ky/kx coordinates
+        are in mrad), the masks are resampled onto it with
+        :func:`tmask_validate.pacbed.resample_library` (area-weighted; zero outside the
+        library's detector).
+    """
+    import xarray as xr
+
+    plist = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if not plist:
+        raise ValueError("no mask file given")
+    for p in plist:
+        if not p.exists():
+            raise FileNotFoundError(f"mask file {p} does not exist")
+    grid = None
+    thick = None
+    if len(plist) > 1:
+        if not all(p.suffix == ".nc" for p in plist):
+            raise ValueError("several mask files are only accepted as a library of analyse "
+                             "outputs (.nc)")
+        if thickness_nm is None:
+            raise ValueError(f"{len(plist)} analyse outputs given: choose one with "
+                             f"--thickness-nm")
+        th = [_analysis_thickness_nm(p) for p in plist]
+        if any(t is None for t in th):
+            bad = [str(p) for p, t in zip(plist, th, strict=True) if t is None]
+            raise ValueError(f"no thickness recorded in {bad} (meta.thickness_nm)")
+        i = int(np.argmin(np.abs(np.asarray(th) - thickness_nm)))
+        plist, thick = [plist[i]], th[i]
+    p = plist[0]
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        m = np.load(p)
+        m = m[None] if m.ndim == 2 else m
+        nm = [f"mask{i}" for i in range(m.shape[0])]
+    elif suffix == ".npz":
+        with np.load(p) as z:
+            if "masks" in z:
+                m = z["masks"]
+                m = m[None] if m.ndim == 2 else m
+                nm = ([str(v) for v in z["names"]] if "names" in z
+                      else [f"mask{i}" for i in range(m.shape[0])])
+            else:
+                nm = list(z.keys())
+                m = np.stack([z[key] for key in nm])
+    elif suffix == ".nc":
+        with xr.open_dataset(p, engine="h5netcdf") as ds:
+            if "masks" not in ds:
+                raise ValueError(f"{p}: no 'masks' variable (not an analyse output?)")
+            sel = ds["masks"]
+            if "has_mask" in ds.coords:
+                sel = sel.isel(name=np.flatnonzero(ds["has_mask"].values.astype(bool)))
+            m = np.asarray(sel.values, dtype=np.float64)
+            nm = [str(v) for v in sel["name"].values]
+            gy, gx = _grid_of(ds["ky"].values), _grid_of(ds["kx"].values)
+            grid = ((gy[0], gx[0]), (gy[1], gx[1]))
+            if thick is None:
+                meta = json.loads(ds.attrs.get("meta", "{}") or "{}")
+                thick = meta.get("thickness_nm")
+    elif p.is_dir() or suffix == ".zarr":
+        import zarr
+
+        node = zarr.open(str(p), mode="r")
+        if isinstance(node, zarr.Group):
+            if "masks" not in node:
+                raise ValueError(f"{p}: zarr group without a 'masks' array")
+            arr = node["masks"]
+        else:
+            arr = node
+        m = np.asarray(arr[...])
+        m = m[None] if m.ndim == 2 else m
+        nm = [str(v) for v in arr.attrs.get("names", [f"mask{i}" for i in range(m.shape[0])])]
+    else:
+        raise ValueError(f"{p}: masks must be .npy, .npz, zarr or an analyse .nc")
+    m = np.asarray(m, dtype=np.float64)
+    if m.ndim != 3:
+        raise ValueError(f"{p}: masks must be (k, ky, kx), got shape {m.shape}")
+    if len(nm) != m.shape[0]:
+        raise ValueError(f"{p}: {len(nm)} names for {m.shape[0]} masks")
+    if names is not None:
+        missing = [n for n in names if n not in nm]
+        if missing:
+            raise ValueError(f"{p}: no mask named {missing}; available: {nm}")
+        idx = [nm.index(n) for n in names]
+        m, nm = m[idx], [nm[i] for i in idx]
+    out = MaskSet(m, nm, str(p), thickness_nm=None if thick is None else float(thick))
+    if grid is not None:
+        out.mrad_per_px, out.center_px = grid
+    want = (det_shape, mrad_per_px, center_px)
+    if any(v is not None for v in want):
+        if any(v is None for v in want):
+            raise ValueError("resampling needs the detector shape, mrad/px and centre together")
+        if grid is None:
+            raise ValueError(f"{p}: these masks carry no mrad grid; only analyse outputs (.nc) "
+                             f"can be resampled onto a detector calibration")
+        from tmask_validate.pacbed import resample_library
+
+        res, covered = resample_library(
+            m, library_mrad_per_px=grid[0], library_center_px=grid[1],
+            out_shape=tuple(int(v) for v in det_shape), out_mrad_per_px=mrad_per_px,
+            out_center_px=center_px)
+        res[:, ~covered] = 0.0
+        out.masks = res
+        out.mrad_per_px = tuple(float(v) for v in np.broadcast_to(mrad_per_px, 2))
+        out.center_px = tuple(float(v) for v in center_px)
+        out.resampled = True
+    return out
+
+
+def load_stats(path: str | Path, *, scan_shape: tuple[int, int] | None = None) -> ColumnStats:
+    """Column statistics for normalised (Eq. 7) live images.
+
+    ``path``: an ``.npz`` with ``mean``, ``std`` (``(ky, kx)``) and ``count``, or any 4D data
+    file :func:`tmask_validate.io.load` reads (a reference scan; one streaming pass).
+    """
+    p = Path(path)
+    if p.suffix == ".npz":
+        with np.load(p) as z:
+            for key in ("mean", "std"):
+                if key not in z:
+                    raise ValueError(f"{p}: statistics .npz needs 'mean' and 'std'")
+            st = ColumnStats(np.asarray(z["mean"], float), np.asarray(z["std"], float),
+                             int(z["count"]) if "count" in z else 0)
+        if st.mean.shape != st.std.shape or st.mean.ndim != 2:
+            raise ValueError(f"{p}: mean and std must both be (ky, kx)")
+        return st
+    from tmask_validate import core, io
+
+    data = io.load(p, scan_shape=scan_shape)
+    return core.column_stats(data.data)
