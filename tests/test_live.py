@@ -533,7 +533,7 @@ def test_live_view_screenshot_mid_scan(tmp_path):
             time.sleep(0.1)
         assert state is not None and state["rows_done"] == sy // 2 and not state["finished"]
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
-                        "--hide-scrollbars", "--window-size=640,360",
+                        "--hide-scrollbars", "--window-size=640,420",
                         "--virtual-time-budget=1500", f"--screenshot={shot}",
                         f"http://127.0.0.1:{vport}/"], capture_output=True, timeout=60,
                        env={**os.environ, "HOME": str(tmp_path)})
