@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -310,6 +311,19 @@ class LiveMasks:
     @property
     def normalised(self) -> bool:
         return self.stats is not None
+
+    def warm_up(self, dtypes: Sequence[Any] = (np.uint8, np.uint16, np.uint32)) -> float:
+        """Load the compiled kernel for these count dtypes now (not on the first scan row).
+
+        Returns the seconds it took (~1 s the first time in a process: numba's cache load and
+        thread-pool start).
+        """
+        t0 = time.perf_counter()
+        n = self.weights.shape[1]
+        out = np.empty((2, self.k))
+        for dt in dtypes:
+            self.apply(np.zeros((2, n), dtype=dt), out)
+        return time.perf_counter() - t0
 
     def apply(self, x: np.ndarray, out: np.ndarray) -> None:
         """``out[j, i] = Σ_c (x[j, c] - mu[c]) w[i, c]`` for a block of frames ``x`` (f, n)."""

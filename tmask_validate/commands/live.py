@@ -100,6 +100,7 @@ def run(args) -> int:
     print(f"live: {lm.k} masks {lm.names} on a {lm.det_shape[0]} x {lm.det_shape[1]} detector"
           f" ({'normalised, Eq. 7' if lm.normalised else 'raw, Eq. 2'}); scan {sy} x {sx}",
           file=sys.stderr)
+    lm.warm_up()  # compiled kernels loaded before the first frame arrives
     view = None
     if args.view is not None:
         view = live.LiveView(args.view, lm.names, (sy, sx))
