@@ -564,3 +564,46 @@ def test_live_view_screenshot_mid_scan(tmp_path):
     st = read_live_store(out)
     assert st.attrs["complete"] is True
     np.testing.assert_array_equal(st.values, core.apply_mask(data, m, normalised=False))
+
+
+def test_cli_normalised_stats_and_library_masks_resampled(tmp_path, capfd):
+    """--stats from a reference scan file (Eq. 7) and --masks library + --calibration."""
+    import xarray as xr
+
+    scan, det = (4, 6), (16, 24)
+    data = counts(12, scan + det, seed=11)
+    mib = write_mib(tmp_path / "d.mib", data, bit_depth=12)
+    ref = write_mib(tmp_path / "ref.mib", counts(12, (3, 5) + det, seed=12), bit_depth=12)
+    head, frames = stream_bytes(mib)
+    # a 2-thickness "library" of analyse outputs on a coarser grid (2 mrad/px)
+    lib = []
+    for t_nm in (30.0, 50.0):
+        m = np.random.default_rng(int(t_nm)).normal(size=(2, 10, 14))
+        ds = xr.Dataset({"masks": (("name", "ky", "kx"), m)},
+                        coords={"name": ["Li", "O"], "has_mask": ("name", [True, True]),
+                                "ky": (np.arange(10) - 5.0) * 2.0,
+                                "kx": (np.arange(14) - 7.0) * 2.0})
+        ds.attrs["meta"] = json.dumps({"thickness_nm": t_nm})
+        ds.to_netcdf(tmp_path / f"lib{int(t_nm)}.nc", engine="h5netcdf")
+        lib.append(tmp_path / f"lib{int(t_nm)}.nc")
+    (tmp_path / "cal.yaml").write_text("mrad_per_px: [1.0, 1.0]\ncenter_px: [8.0, 12.0]\n")
+    srv = StagedServer([head + b"".join(frames)])
+    out = tmp_path / "o.zarr"
+    try:
+        rc = cli_main(["live", "--data-port", str(srv.port), "--scan-shape", *map(str, scan),
+                       "--masks", *map(str, lib), "--thickness-nm", "45", "--names", "O",
+                       "--calibration", str(tmp_path / "cal.yaml"), "--detector-shape",
+                       *map(str, det), "--stats", str(ref), "--out", str(out),
+                       "--no-progress"])
+    finally:
+        srv.close()
+    assert rc == 0, capfd.readouterr().err
+    ms = load_masks(lib, thickness_nm=45, names=["O"], det_shape=det, mrad_per_px=(1, 1),
+                    center_px=(8, 12))
+    assert ms.thickness_nm == 50.0
+    st_ref = core.column_stats(np.asarray(load(ref, scan_shape=(3, 5)).data))
+    want = core.apply_mask(data, ms.masks, normalised=True, stats=st_ref)
+    st = read_live_store(out)
+    assert st.attrs["complete"] is True and st.attrs["normalised"] is True
+    assert st.attrs["thickness_nm"] == 50.0 and st.attrs["masks_resampled"] is True
+    np.testing.assert_allclose(st.values, want, rtol=1e-12, atol=1e-9 * np.abs(want).max())
