@@ -115,7 +115,7 @@ def run(args) -> int:
         return 4
     print(f"connected to {args.host}:{args.data_port}; waiting for the acquisition",
           file=sys.stderr, flush=True)
-    store = live.ZarrRowStore(out, lm.names, (sy, sx), attrs=attrs)
+    store = live.BackgroundRowStore(live.ZarrRowStore(out, lm.names, (sy, sx), attrs=attrs))
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
