@@ -111,8 +111,6 @@ def part_memory(reps: int, scan, lines: list[str], tmp: Path) -> None:
     def run(rpw, store):
         def go():
             st = live.ZarrRowStore(tmp / "s.zarr", lm.names, scan) if store else None
-            if store == "bg":
-                st = live.BackgroundRowStore(st)
             res = live.LiveImager(lm, scan, store=st, rows_per_write=rpw).run(
                 live.BytesSource(data))
             assert res.complete
@@ -124,13 +122,13 @@ def part_memory(reps: int, scan, lines: list[str], tmp: Path) -> None:
                  f"{os.environ.get('NUMBA_NUM_THREADS', 'default')}, load {_uptime()}")
     lines.append(f"decode only (big-endian -> native uint16)   {_rate(n, t_dec)}")
     lines.append(f"4 masks only (core apply_weights, float64)  {_rate(n, t_app)}")
-    for rpw, store in [(1, None), (4, None), (1, "sync"), (4, "sync"), (1, "bg"), (4, "bg")]:
+    for rpw, store in [(1, None), (4, None), (1, "sync"), (4, "sync")]:
         g = run(rpw, store)
         g()
         t = _best(g, reps)
         lat = g.res.row_times
         lat_ms = (lat[:, 1] - lat[:, 0]) * 1e3
-        what = {None: "none", "sync": "zarr", "bg": "zarr in a thread"}[store]
+        what = {None: "none", "sync": "zarr"}[store]
         lines.append(f"LiveImager rows/block={rpw} store={what:16s} "
                      f"{_rate(n, t)}   row latency median {np.median(lat_ms):6.2f} ms"
                      f" (max {lat_ms.max():6.2f})")
@@ -195,13 +193,11 @@ def part_sim(reps: int, scan, lines: list[str], tmp: Path, libertem: bool) -> No
         t = min(_drain(ports[0], total) for _ in range(reps))  # the client's CPU is ~idle
         lines.append(f"drain only (simulator ceiling)              {n / t:10.0f} frames/s "
                      f"({total / t / 2**30:.2f} GiB/s)")
-        for rpw, bg in ((1, False), (1, True), (4, True)):
+        for rpw in (1, 4):
             best = None
             best_cpu = np.inf
             for _ in range(reps):
                 st = live.ZarrRowStore(tmp / "live.zarr", lm.names, scan)
-                if bg:
-                    st = live.BackgroundRowStore(st)
                 s = live.connect("127.0.0.1", ports[0], timeout_s=20)
                 c0 = time.process_time()
                 res = live.LiveImager(lm, scan, store=st, rows_per_write=rpw).run(
@@ -212,7 +208,7 @@ def part_sim(reps: int, scan, lines: list[str], tmp: Path, libertem: bool) -> No
                 if best is None or res.elapsed_s < best.elapsed_s:
                     best = res
             lat_ms = (best.row_times[:, 1] - best.row_times[:, 0]) * 1e3
-            lines.append(f"LiveImager rows/block={rpw} + zarr{' in a thread' if bg else ''} "
+            lines.append(f"LiveImager rows/block={rpw} + zarr store "
                          f"{_rate(n, (best.elapsed_s, best_cpu))}   row latency median "
                          f"{np.median(lat_ms):6.2f} ms (95th {np.percentile(lat_ms, 95):6.2f}, "
                          f"max {lat_ms.max():6.2f})")

@@ -607,3 +607,17 @@ def test_cli_normalised_stats_and_library_masks_resampled(tmp_path, capfd):
     assert st.attrs["complete"] is True and st.attrs["normalised"] is True
     assert st.attrs["thickness_nm"] == 50.0 and st.attrs["masks_resampled"] is True
     np.testing.assert_allclose(st.values, want, rtol=1e-12, atol=1e-9 * np.abs(want).max())
+
+
+def test_cli_view_port_in_use_is_one_clear_line(tmp_path, capfd):
+    np.save(tmp_path / "m.npy", np.ones((1, 4, 4)))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        rc = cli_main(["live", "--data-port", str(free_port()), "--scan-shape", "2", "3",
+                       "--masks", str(tmp_path / "m.npy"), "--out", str(tmp_path / "o.zarr"),
+                       "--view", str(port), "--connect-timeout-s", "1", "--no-progress"])
+    err = capfd.readouterr().err
+    assert rc == 2 and f"cannot serve the live view on 127.0.0.1:{port}" in err
+    assert not (tmp_path / "o.zarr").exists()

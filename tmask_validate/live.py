@@ -59,7 +59,6 @@ __all__ = [
     "SocketSource",
     "BytesSource",
     "ZarrRowStore",
-    "BackgroundRowStore",
     "LiveImager",
     "LiveResult",
     "LiveView",
@@ -524,89 +523,6 @@ class ZarrRowStore:
         self.group.attrs["complete"] = bool(complete)
 
 
-class BackgroundRowStore:
-    """A :class:`ZarrRowStore` written from a thread, so store writes overlap the processing.
-
-    Rows queued while a write is in progress are written together (one zarr write and one
-    ``rows_done`` update). :meth:`finish` waits for every queued row, then writes the final
-    attributes; a write error is re-raised there (or on the next :meth:`write_rows`).
-    """
-
-    def __init__(self, store: ZarrRowStore) -> None:
-        import queue
-
-        self.store = store
-        self.path = store.path
-        self._q: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="live-store", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        import queue
-
-        while True:
-            item = self._q.get()
-            if item is None:
-                self._q.task_done()
-                return
-            items = [item]
-            while True:  # coalesce what is already queued (consecutive rows)
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._q.task_done()
-                    self._q.put(None)
-                    break
-                items.append(nxt)
-            if self._error is not None:
-                for _ in items:
-                    self._q.task_done()
-                continue
-            try:
-                i = 0
-                while i < len(items):
-                    j = i + 1
-                    while j < len(items) and items[j][0] == items[j - 1][0] + items[j - 1][
-                            1].shape[1]:
-                        j += 1
-                    y0 = items[i][0]
-                    block = (items[i][1] if j == i + 1
-                             else np.concatenate([it[1] for it in items[i:j]], axis=1))
-                    self.store.write_rows(y0, block)
-                    for it in items[i:j]:
-                        if it[2] is not None:
-                            it[2](it[0], it[0] + it[1].shape[1])
-                    i = j
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                self._error = exc
-            finally:
-                for _ in items:
-                    self._q.task_done()
-
-    def write_rows(self, y0: int, block: np.ndarray,
-                   on_written: Callable[[int, int], None] | None = None) -> None:
-        if self._error is not None:
-            raise self._error
-        self._q.put((y0, np.array(block, copy=True), on_written))
-
-    def flush(self) -> None:
-        """Wait until every queued row is in the store."""
-        self._q.join()
-
-    def finish(self, complete: bool, **attrs) -> None:
-        self._q.put(None)
-        self._thread.join()
-        if self._error is not None:
-            err, self._error = self._error, None
-            self.store.finish(False, **{**attrs, "incomplete_reason": f"store write failed: "
-                                                                     f"{err}"})
-            raise err
-        self.store.finish(complete, **attrs)
-
-
 def read_live_store(path: str | Path):
     """The images of a live store as an xarray DataArray ``(name, scan_y, scan_x)``.
 
@@ -807,8 +723,6 @@ class LiveImager:
         except MerlinProtocolError as exc:
             reason = f"protocol error after {self.rows_done} of {sy} rows: {exc}"
             error = exc
-        if self.store is not None and hasattr(self.store, "flush"):
-            self.store.flush()  # the rate counts frames whose pixels are in the store
         elapsed = (time.perf_counter() - t0) if t0 is not None else 0.0
         complete = self.rows_done == sy
         if complete:

@@ -103,7 +103,11 @@ def run(args) -> int:
     lm.warm_up()  # compiled kernels loaded before the first frame arrives
     view = None
     if args.view is not None:
-        view = live.LiveView(args.view, lm.names, (sy, sx))
+        try:
+            view = live.LiveView(args.view, lm.names, (sy, sx))
+        except OSError as exc:
+            raise ValueError(f"cannot serve the live view on 127.0.0.1:{args.view}: "
+                             f"{exc.strerror or exc}") from None
         print(f"live view: {view.url}", file=sys.stderr, flush=True)
     try:
         sock = live.connect(args.host, args.data_port, timeout_s=args.connect_timeout_s,
@@ -115,7 +119,7 @@ def run(args) -> int:
         return 4
     print(f"connected to {args.host}:{args.data_port}; waiting for the acquisition",
           file=sys.stderr, flush=True)
-    store = live.BackgroundRowStore(live.ZarrRowStore(out, lm.names, (sy, sx), attrs=attrs))
+    store = live.ZarrRowStore(out, lm.names, (sy, sx), attrs=attrs)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -146,6 +150,10 @@ def run(args) -> int:
     old = signal.signal(signal.SIGINT, on_sigint)
     try:
         res = imager.run(live.SocketSource(sock, idle_timeout_s=args.idle_timeout_s))
+    except OSError as exc:  # the store could not be written (disk full, permissions)
+        print(f"tmask-validate live: error: writing {out} failed: {exc}; rows_done in its "
+              f"attributes says how far it got", file=sys.stderr)
+        return 5
     finally:
         signal.signal(signal.SIGINT, old)
         sock.close()
