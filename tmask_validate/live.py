@@ -381,7 +381,12 @@ class SocketSource:
     def __init__(self, sock: socket.socket, *, poll_s: float = 0.25,
                  idle_timeout_s: float | None = None) -> None:
         self.sock = sock
-        self.sock.settimeout(poll_s)
+        # a blocking socket with a kernel receive timeout: one recv(MSG_WAITALL) fills a whole
+        # scan row (a Python-level timeout would poll() before every partial recv)
+        self.sock.settimeout(None)
+        us = int(round(poll_s * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack("ll", us // 1_000_000, us % 1_000_000))
         self.idle_timeout_s = idle_timeout_s
         self._pending = b""
         self.stop_check: Callable[[], bool] = lambda: False
@@ -402,8 +407,8 @@ class SocketSource:
         first = True
         while got < n:
             try:
-                r = self.sock.recv_into(view[got:], n - got)
-            except TimeoutError:
+                r = self.sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+            except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO passed with no data
                 if interruptible and self.stop_check() and got == 0:
                     raise KeyboardInterrupt from None
                 if (self.idle_timeout_s is not None
@@ -419,6 +424,8 @@ class SocketSource:
                 self.first_byte_t = time.perf_counter()
                 first = False
             got += r
+            if got < n and interruptible and self.stop_check() and got == 0:
+                raise KeyboardInterrupt
             idle0 = time.monotonic()
 
     def close(self) -> None:
