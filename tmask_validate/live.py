@@ -141,9 +141,12 @@ class FrameFormat:
 
     @property
     def dtype(self) -> np.dtype:
-        """Native integer dtype of the decoded counts."""
-        return np.dtype(np.uint8 if self.bits <= 8 else np.uint16 if self.bits <= 12
-                        else np.uint32)
+        """Dtype of the decoded counts: one the core kernels read natively (as offline).
+
+        uint16 up to 12 bits (1/6-bit counts widened, as :mod:`tmask_validate.core` widens
+        uint8), float64 for 24-bit (exact; the core reads uint32 data as float64).
+        """
+        return np.dtype(np.uint16 if self.bits <= 16 else np.float64)
 
 
 _BINARY_BYTES = {"U08": 1, "U16": 2, "U32": 4}
@@ -312,7 +315,7 @@ class LiveMasks:
     def normalised(self) -> bool:
         return self.stats is not None
 
-    def warm_up(self, dtypes: Sequence[Any] = (np.uint8, np.uint16, np.uint32)) -> float:
+    def warm_up(self, dtypes: Sequence[Any] = (np.uint16, np.float64)) -> float:
         """Load the compiled kernel for these count dtypes now (not on the first scan row).
 
         Returns the seconds it took (~1 s the first time in a process: numba's cache load and
