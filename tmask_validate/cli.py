@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "tmask_validate.commands.claims",
     "tmask_validate.commands.report",
     "tmask_validate.commands.workflow",
+    "tmask_validate.commands.live",
 ]
 
 

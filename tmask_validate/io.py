@@ -506,11 +506,57 @@ def _mib_header(
     return text + b"\x00" * (header_bytes - len(text))
 
 
+def _raw_swap(row_bytes: np.ndarray, group: int) -> np.ndarray:
+    """Reverse the order of ``group``-element blocks along the last axis (RAW 64-bit words)."""
+    shape = row_bytes.shape
+    return row_bytes.reshape(shape[:-1] + (shape[-1] // group, group))[..., ::-1].reshape(shape)
+
+
+def _quad_to_raw(img: np.ndarray) -> np.ndarray:
+    """(512, 512) quad image -> (256, 1024) RAW rows: chips [4 | 3 | 2 | 1], bottom chips flipped.
+
+    Chip 1 = top left, 2 = top right, 3 = bottom left, 4 = bottom right of the assembled
+    image; chips 3 and 4 are read out rotated by 180° (row 511 of the image first).
+    """
+    h = img.shape[0] // 2
+    w = img.shape[1] // 2
+    raw = np.empty((h, 4 * w), dtype=img.dtype)
+    raw[:, 3 * w:] = img[:h, :w]
+    raw[:, 2 * w:3 * w] = img[:h, w:]
+    raw[:, w:2 * w] = img[h:, :w][::-1, ::-1]
+    raw[:, :w] = img[h:, w:][::-1, ::-1]
+    return raw
+
+
+def _encode_raw_frame(img: np.ndarray, bits: int, quad: bool) -> bytes:
+    """Pixel bytes of one frame in Merlin RAW (``R64``) mode.
+
+    Pixels are counter words packed into 64-bit words whose element order is reversed:
+    1-bit packs 64 pixels per word (bit ``b`` of byte ``j`` counted from the word's END is pixel
+    ``8 j + b``), 6-bit holds 8 one-byte pixels, 12-bit 4 big-endian two-byte pixels; 24-bit
+    is two 12-bit frames, the high 12 bits first. Quads are read out chip row by chip row
+    (:func:`_quad_to_raw`).
+    """
+    a = _quad_to_raw(img) if quad else img
+    if bits == 1:
+        packed = np.packbits(a.astype(np.uint8).reshape(a.shape[0], -1, 64), axis=-1,
+                             bitorder="little").reshape(a.shape[0], -1)
+        return _raw_swap(packed, 8).tobytes()
+    if bits == 6:
+        return _raw_swap(a.astype(np.uint8), 8).tobytes()
+    if bits == 12:
+        return _raw_swap(a.astype(">u2"), 4).tobytes()
+    hi = _raw_swap((a >> 12).astype(">u2"), 4)
+    lo = _raw_swap((a & 0xFFF).astype(">u2"), 4)
+    return hi.tobytes() + lo.tobytes()
+
+
 def write_mib(
     path: str | os.PathLike,
     data4d: np.ndarray,
     *,
     bit_depth: int = 12,
+    raw: bool = False,
     header: bool = True,
     frames_per_trigger: int | None = 1,
     exposure_s: float = 1e-3,
@@ -535,6 +581,12 @@ def write_mib(
         ``(scan_y, scan_x, ky, kx)``, ``(frames, ky, kx)`` or ``(ky, kx)`` non-negative integers.
     bit_depth : {1, 6, 12, 24}
         Counter depth; 1/6-bit are stored as U08, 12-bit as U16, 24-bit as U32. Values must fit.
+    raw : bool
+        Write Merlin RAW mode (pixel type ``R64``, counters as read out of the chips; see
+        :func:`_encode_raw_frame`) instead of "binary" ``U08/U16/U32``. RAW needs a frame width
+        that is a multiple of 64 pixels (1-bit) or 8; quads (512 x 512) support 1/6/12-bit.
+        :func:`load` does not read RAW files (LiberTEM's MIB reader and
+        :mod:`tmask_validate.live` do).
     header : bool
         Also write the acquisition ``.hdr`` file.
     frames_per_trigger : int or None
@@ -574,6 +626,20 @@ def write_mib(
     stored = np.dtype(MIB_FORMATS[code][0])
     nchips = 1 if max(rows, cols) <= 256 else 4
     hb = header_bytes or (384 if nchips == 1 else 768)
+    head_rows, head_cols = rows, cols
+    if raw:
+        code = "R64"
+        quad = nchips == 4
+        if quad and ((rows, cols) != (512, 512) or bit_depth == 24):
+            raise ValueError("RAW quads are written as 512 x 512 frames of 1, 6 or 12 bits, "
+                             f"got {rows} x {cols} at {bit_depth} bits")
+        if cols % (64 if bit_depth == 1 else 8):
+            raise ValueError(f"RAW {bit_depth}-bit frames need a width that is a multiple of "
+                             f"{64 if bit_depth == 1 else 8} pixels, got {cols}")
+        if quad:  # the header describes the chip rows as read out: 4 chips side by side
+            head_rows, head_cols = rows // 2, cols * 2
+        elif bit_depth == 24:  # two 12-bit frames per frame, stated as double width
+            head_cols = 2 * cols
     t0 = start or _dt.datetime(2024, 1, 1, 12, 0, 0)
     p = Path(path)
     with open(p, "wb") as fh:
@@ -582,9 +648,13 @@ def write_mib(
             if i and i % sx == 0:
                 t += flyback_s
             stamp = t0 + _dt.timedelta(seconds=t)
-            fh.write(_mib_header(i + 1, rows, cols, code, bit_depth, hb, nchips, stamp,
-                                 exposure_s))
-            fh.write(np.ascontiguousarray(arr[i // sx, i % sx], dtype=stored).tobytes())
+            fh.write(_mib_header(i + 1, head_rows, head_cols, code, bit_depth, hb, nchips,
+                                 stamp, exposure_s))
+            if raw:
+                fh.write(_encode_raw_frame(np.asarray(arr[i // sx, i % sx], dtype=np.int64),
+                                           bit_depth, nchips == 4))
+            else:
+                fh.write(np.ascontiguousarray(arr[i // sx, i % sx], dtype=stored).tobytes())
             t += exposure_s
     if header:
         fpt = sx if frames_per_trigger is None else int(frames_per_trigger)
