@@ -90,6 +90,31 @@ def test_dry_run_dag_is_valid(config, tmp_path):
         assert counts[rule] == 1
 
 
+def test_config_is_the_users_file_not_merged_with_default(tmp_path):
+    """Run as the README says, from a folder that has the repository's config/ (the repository
+    root), without --directory: the Snakefile must not merge config/default.yaml under the
+    user's file (it did: default.yaml's HAADF [64, 83] mrad failed the smoke config's 55.7 mrad
+    antialiasing check). The effective config is exactly the user's file + schema defaults."""
+    from tmask_validate.config import load_config
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    res = _run([_cli(), "workflow", "--config", "config/smoke.yaml", "--cores", "2", "-n"],
+               cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    written = yaml.safe_load((tmp_path / "results" / "config" / "smoke.yaml").read_text())
+    expected = load_config(ROOT / "config" / "smoke.yaml")
+    assert "HAADF" not in written["simulation"]["detectors"]
+    assert written == expected
+
+
+def test_plain_snakemake_without_a_config_says_so(tmp_path):
+    exe = Path(sys.executable).parent / "snakemake"
+    res = _run([str(exe), "--snakefile", str(ROOT / "Snakefile"), "--cores", "1", "-n"],
+               cwd=tmp_path)
+    assert res.returncode != 0
+    assert "no config given" in res.stdout + res.stderr
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("smoke")
