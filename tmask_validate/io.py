@@ -19,7 +19,9 @@ raw (``.raw``/``.bin``/   flat binary: ``dtype=``, ``frame_shape=``, ``header_by
 Output convention (all formats): dims ``("scan_y", "scan_x", "ky", "kx")``; scan coordinates in Å
 (first probe at 0), detector coordinates in mrad with 0 at ``calibration.center_px`` (or, when the
 centre is not known, at the geometric detector centre; see attrs ``center_px_source``). Without a
-calibration the coordinates are pixel indices and ``attrs["calibrated"]`` is 0.
+calibration the coordinates are pixel indices and ``attrs["calibrated"]`` is 0; an axis whose
+calibration is not given (no ``step_A``: ``attrs["scan_calibrated"]`` 0; no ``mrad_per_px``:
+``attrs["detector_calibrated"]`` 0) stays in pixels -- never a default of 1 Å or 1 mrad.
 
 Detector orientation: ``ky`` is the row index of the frame *as stored in the file* (row 0 = the
 first row written) and ``kx`` the column index, for every format. rosettasciio flips Merlin
@@ -118,9 +120,10 @@ def load(
     -------
     xarray.DataArray
         Dask-backed, dims ``("scan_y", "scan_x", "ky", "kx")``, attrs ``calibration`` (JSON),
-        ``calibrated`` (0/1), ``source``, ``format``, ``stored_dtype``, ``bit_depth``,
-        ``saturation_value``, ``scan_shape_source``, ``detector_orientation``,
-        ``center_px_source``, ``scan_units``, ``detector_units``.
+        ``calibrated`` (0/1: both axes), ``scan_calibrated``, ``detector_calibrated``,
+        ``source``, ``format``, ``stored_dtype``, ``bit_depth``, ``saturation_value``,
+        ``scan_shape_source``, ``detector_orientation``, ``center_px_source``, ``scan_units``,
+        ``detector_units``.
 
     Raises
     ------
@@ -247,20 +250,27 @@ def _wrap(
     arr = _native(arr)
     if arr.chunks[1][0] != sx or arr.chunks[2][0] != ny or arr.chunks[3][0] != nx:
         arr = arr.rechunk((_rows_per_chunk(sx, ny * nx * arr.dtype.itemsize), -1, -1, -1))
-    calibrated = cal is not None
     if cal is None:
         cal = Calibration(extra={"uncalibrated": True})
+    # each axis is calibrated only when the calibration gives it (never a default of 1)
+    scan_cal, det_cal = cal.scan_calibrated, cal.detector_calibrated
+    calibrated = scan_cal and det_cal
     if cal.center_px is not None:
+        cy, cx = cal.center_px
+        if not (-0.5 <= cy <= ny - 0.5 and -0.5 <= cx <= nx - 0.5):
+            raise ValueError(f"{path}: calibration center_px {list(cal.center_px)} lies outside "
+                             f"the {ny}x{nx} detector (ky in [0, {ny - 1}], kx in [0, {nx - 1}])")
         center, center_source = cal.center_px, "calibration"
     else:
         center, center_source = ((ny - 1) / 2.0, (nx - 1) / 2.0), "detector centre (not measured)"
+    step = cal.step_A if scan_cal else (1.0, 1.0)
+    mrad = cal.mrad_per_px if det_cal else (1.0, 1.0)
+    scan_units, det_units = ("A" if scan_cal else "px"), ("mrad" if det_cal else "px")
     coords = {
-        "scan_y": ("scan_y", np.arange(sy) * cal.step_A[0], {"units": "A" if calibrated else "px"}),
-        "scan_x": ("scan_x", np.arange(sx) * cal.step_A[1], {"units": "A" if calibrated else "px"}),
-        "ky": ("ky", (np.arange(ny) - center[0]) * cal.mrad_per_px[0],
-               {"units": "mrad" if calibrated else "px"}),
-        "kx": ("kx", (np.arange(nx) - center[1]) * cal.mrad_per_px[1],
-               {"units": "mrad" if calibrated else "px"}),
+        "scan_y": ("scan_y", np.arange(sy) * step[0], {"units": scan_units}),
+        "scan_x": ("scan_x", np.arange(sx) * step[1], {"units": scan_units}),
+        "ky": ("ky", (np.arange(ny) - center[0]) * mrad[0], {"units": det_units}),
+        "kx": ("kx", (np.arange(nx) - center[1]) * mrad[1], {"units": det_units}),
     }
     bits = info.pop("bit_depth", None)
     if bits is None and np.issubdtype(arr.dtype, np.integer):
@@ -268,6 +278,8 @@ def _wrap(
     attrs = {
         "calibration": json.dumps(cal.to_dict()),
         "calibrated": calibrated,
+        "scan_calibrated": scan_cal,
+        "detector_calibrated": det_cal,
         "source": str(path),
         "format": info.pop("format"),
         "stored_dtype": str(stored),
@@ -276,8 +288,8 @@ def _wrap(
         "scan_shape_source": shape_source,
         "center_px": list(center),
         "center_px_source": center_source,
-        "scan_units": "A" if calibrated else "px",
-        "detector_units": "mrad" if calibrated else "px",
+        "scan_units": scan_units,
+        "detector_units": det_units,
         "detector_orientation": info.pop(
             "detector_orientation",
             "ky = frame row as stored in the file (row 0 first), kx = frame column as stored",

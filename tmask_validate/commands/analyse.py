@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tmask_validate.calibration import Calibration
+from tmask_validate.commands.inspect import warn_if_saturated
 
 #: datasets smaller than this are read into memory once (many passes follow)
 IN_MEMORY_BYTES = 2 * 2**30
@@ -179,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         arr = io.load(inp, calibration=args.calibration, thickness_nm=args.thickness_nm,
                       scan_shape=tuple(args.scan_shape) if args.scan_shape else None)
         cal = Calibration.from_dict(json.loads(arr.attrs["calibration"]))
+        cal.require(scan=True, detector=True, what=f"analyse {inp}")
+        warn_if_saturated(arr)
         data, cell, periodic, origin = arr.data, None, False, (0.0, 0.0)
         meta = {"structure": args.structure or inp.stem, "source": str(inp),
                 "thickness_nm": args.thickness_nm}
@@ -209,6 +212,8 @@ def _run_experiment(args, cfg, opts, t0) -> int:
 
     ent, base, arr = _experiment(args, cfg)
     cal = Calibration.from_dict(json.loads(arr.attrs["calibration"]))
+    cal.require(scan=True, detector=True, what=f"analyse --experiment {args.experiment}")
+    warn_if_saturated(arr)
     data = _materialise(arr.data)
     cell = None
     if args.sites:
