@@ -287,3 +287,63 @@ def test_saturated_data_warn_with_the_threshold(tmp_path, capsys):
     mib = write_mib(tmp_path / "ok.mib", data, bit_depth=12)
     assert main(["inspect", str(mib), "--scan-shape", "2", "4"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_disk_full_is_one_line_and_leaves_no_temporary_files(tmp_path, monkeypatch, capsys):
+    """ENOSPC while zarr writes (descan): one line naming the output, no traceback, no
+    temporary store left behind."""
+    import errno
+
+    mib, _ = _small_mib(tmp_path)
+    cal = tmp_path / "cal.yaml"
+    cal.write_text("step_A: 0.4\nmrad_per_px: 0.9\n")
+    real = xr.Dataset.to_zarr
+
+    def full(self, store, *a, **kw):
+        real(self.isel(scan_y=slice(0, 1)), store, *a, **kw)  # something is on disk already
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", full)
+    out = tmp_path / "c.zarr"
+    assert main(["descan", str(mib), "--scan-shape", "2", "4", "--calibration", str(cal),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "disk full" in err and str(out) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.yaml", "scan.hdr", "scan.mib"]
+
+
+def test_netcdf_writer_disk_full_keeps_the_old_file(tmp_path, monkeypatch):
+    """analyse's NetCDF writer: serialised in memory (HDF5 crashed on a full disk), the old
+    output survives, the temporary file is removed, the error names the target."""
+    import errno
+
+    from tmask_validate.commands import _atomic
+
+    ds = xr.Dataset({"a": (("y", "x"), np.arange(12.0).reshape(3, 4))})
+    out = tmp_path / "a.nc"
+    out.write_bytes(b"old")
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_atomic.os, "fsync", fsync)
+    with pytest.raises(OSError) as info:
+        _atomic.write_netcdf_atomic(ds, out)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(out)
+    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.nc"]
+    monkeypatch.undo()
+    _atomic.write_netcdf_atomic(ds, out)
+    with xr.open_dataset(out, engine="h5netcdf") as back:
+        np.testing.assert_array_equal(back["a"].values, ds["a"].values)
+
+
+def test_programming_errors_are_not_user_errors(monkeypatch):
+    """A TypeError inside a command is a bug: it propagates (traceback), not 'error: ...'."""
+    import tmask_validate.commands.inspect as insp
+
+    def broken(args):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(insp, "load_from_arguments", broken)
+    with pytest.raises(TypeError):
+        main(["inspect", "whatever.npy"])

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from tmask_validate.calibration import Calibration
+from tmask_validate.commands._atomic import write_atomic, write_netcdf_atomic
 from tmask_validate.commands.inspect import warn_if_saturated
 
 #: datasets smaller than this are read into memory once (many passes follow)
@@ -49,11 +49,6 @@ def register(subparsers) -> None:
     p.add_argument("--figure", default=None,
                    help="also write a summary figure (PNG; PDF next to it)")
     p.set_defaults(func=run)
-
-
-def _atomic_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _load_store_dataset(path: Path, thickness_nm: float | None):
@@ -246,21 +241,17 @@ def _finish(args, data, sites, cal, cell, periodic, origin, meta, opts, t0, *, e
                           noiseless=noiseless)
     ads.attrs["wall_time_s"] = float(time.time() - t0)
     out = Path(args.out)
-    tmp = _atomic_path(out)
-    ads.to_netcdf(tmp, engine="h5netcdf")
-    tmp.replace(out)
+    write_netcdf_atomic(ads, out)
     print(f"analyse: {len(ads['name'])} images/masks -> {out} ({time.time() - t0:.1f} s)")
     if args.metrics_out or args.figure or experimental:
         df = dataset_metrics(ads, sites)
         mout = Path(args.metrics_out) if args.metrics_out else out.with_suffix(".csv")
-        tmp = _atomic_path(mout)
-        df.to_csv(tmp, index=False, float_format="%.6g")
-        tmp.replace(mout)
+        write_atomic(mout, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
         print(f"analyse: {len(df)} metric rows -> {mout}")
     if args.figure or experimental:
         from tmask_validate import plots
 
         fig_path = Path(args.figure) if args.figure else out.with_suffix(".png")
-        plots.dataset_overview(ads, fig_path)
+        write_atomic(fig_path, lambda tmp: plots.dataset_overview(ads, tmp))
         print(f"analyse: figure -> {fig_path}")
     return 0
