@@ -58,7 +58,7 @@ def _load_store_dataset(path: Path, thickness_nm: float | None):
 
     ds = load_store(path)
     inten = ds["intensity"]
-    meta = {"structure": ds.attrs.get("structure", path.stem),
+    meta = {"structure": ds.attrs.get("structure", path.stem), "simulated": True,
             "dose_e_per_A2": ds.attrs.get("dose_e_per_A2"),
             "n_configurations": ds.attrs.get("n_configurations")}
     if "thickness" in inten.dims:
@@ -97,6 +97,16 @@ def _noiseless_source(meta: dict, shape) -> np.ndarray | None:
         inten = inten.isel(thickness=int(meta.get("thickness_index", 0)))
     out = np.asarray(inten.data)
     return out if out.shape == tuple(shape) else None
+
+
+def _dose_of(attrs) -> float | None:
+    """The dose (e-/Å²) a data file records in its metadata, or None when it records none."""
+    v = attrs.get("dose_e_per_A2")
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) and v > 0 else None
 
 
 def _materialise(data):
@@ -179,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
         warn_if_saturated(arr)
         data, cell, periodic, origin = arr.data, None, False, (0.0, 0.0)
         meta = {"structure": args.structure or inp.stem, "source": str(inp),
-                "thickness_nm": args.thickness_nm}
+                "thickness_nm": args.thickness_nm, "simulated": False,
+                "dose_e_per_A2": _dose_of(arr.attrs), "dose_key": "experiment"}
         experimental = True
     data = _materialise(data)
     if args.sites:
@@ -227,7 +238,8 @@ def _run_experiment(args, cfg, opts, t0) -> int:
         region = ((yy[:, None] >= y0) & (yy[:, None] <= y1)
                   & (xx[None, :] >= x0) & (xx[None, :] <= x1))
     meta = {"structure": ent["structure"], "experiment": args.experiment,
-            "source": str(arr.attrs.get("source", "")), "dose_key": "experiment"}
+            "source": str(arr.attrs.get("source", "")), "dose_key": "experiment",
+            "simulated": False, "dose_e_per_A2": _dose_of(arr.attrs)}
     return _finish(args, data, sites, cal, cell, False, (0.0, 0.0), meta, opts, t0,
                    experimental=True, region=region)
 
