@@ -51,6 +51,7 @@ __all__ = [
     "write_mib",
     "read_mib_header",
     "infer_mib_scan_shape",
+    "check_zarr_chunks",
     "DIMS",
     "MIB_FORMATS",
 ]
@@ -90,6 +91,7 @@ def load(
     header_bytes: int = 0,
     frame_header_bytes: int = 0,
     frame_footer_bytes: int = 0,
+    fill_missing_chunks: bool = False,
 ) -> xr.DataArray:
     """Open a 4D-STEM dataset lazily as a calibrated DataArray.
 
@@ -115,6 +117,10 @@ def load(
     dtype, frame_shape, header_bytes, frame_header_bytes, frame_footer_bytes : optional
         Raw binary layout (``.raw``/``.bin``/``.dat``): element dtype (e.g. ``">u2"``), frame
         shape ``(ky, kx)``, bytes before the first frame, and bytes before/after every frame.
+    fill_missing_chunks : bool
+        zarr stores only. A chunk file missing from the store is an error (zarr would silently
+        read it as the fill value, e.g. zeros); True reads it as the fill value instead and
+        records the count in ``attrs["missing_chunks"]``.
 
     Returns
     -------
@@ -146,7 +152,8 @@ def load(
 
     suffix = p.suffix.lower()
     if p.is_dir() or suffix == ".zarr":
-        arr, info = _open_zarr(p, dataset=dataset, thickness_nm=thickness_nm, select=select)
+        arr, info = _open_zarr(p, dataset=dataset, thickness_nm=thickness_nm, select=select,
+                               fill_missing_chunks=fill_missing_chunks)
     elif suffix == ".mib":
         arr, info = _open_mib(p, scan_shape)
     elif suffix in HDF5_SUFFIXES:
@@ -696,8 +703,56 @@ def _hdf5_counter_depth(f, name: str) -> int | None:
 # ----------------------------------------------------------------------------------------------
 # zarr (our simulation store, xarray zarr, raw abTEM)
 # ----------------------------------------------------------------------------------------------
+def check_zarr_chunks(path: str | os.PathLike, array, *, fill: bool = False) -> int:
+    """Check that every chunk of a zarr array is stored; return how many are missing.
+
+    zarr reads a chunk that is not in the store as the array's fill value (zeros, usually),
+    so a store that lost a file would analyse as if those probe positions saw nothing. Our
+    writers store every chunk (``write_empty_chunks=True``).
+
+    Parameters
+    ----------
+    path : path-like
+        The store (for the message).
+    array : zarr.Array
+        The array to check.
+    fill : bool
+        False: raise on a missing chunk. True: return the count (the caller reads the fill
+        value there).
+
+    Raises
+    ------
+    ValueError
+        One line naming the store, the array, the first missing chunk (its grid index and key)
+        and how many are missing.
+    """
+    import itertools
+
+    n_total = int(array.nchunks)
+    n_have = int(array.nchunks_initialized)
+    missing = n_total - n_have
+    if missing <= 0 or fill:
+        return max(missing, 0)
+    first = None
+    local = Path(path) / str(array.path)
+    if local.is_dir():
+        for idx in itertools.product(*(range(n) for n in array.cdata_shape)):
+            key = array.metadata.encode_chunk_key(idx)
+            if not (local / key).exists():
+                first = f"chunk {list(idx)} ({local / key})"
+                break
+    where = first or f"{missing} of {n_total} chunks"
+    raise ValueError(
+        f"{path}: array {array.path!r} is missing {where}; {missing} of {n_total} chunks are "
+        f"not in the store (incomplete copy or deleted file?). Reading them as the fill value "
+        f"{array.fill_value!r} would give wrong results; pass fill_missing_chunks=True "
+        f"(CLI: --fill-missing-chunks) to do it anyway"
+    )
+
+
 def _open_zarr(
-    path: Path, *, dataset: str | None, thickness_nm: float | None, select: dict | None
+    path: Path, *, dataset: str | None, thickness_nm: float | None, select: dict | None,
+    fill_missing_chunks: bool = False,
 ) -> tuple[da.Array, dict]:
     import zarr
 
@@ -709,12 +764,20 @@ def _open_zarr(
             zarr_arr = zarr.open_array(str(path), mode="r")
         except Exception:  # noqa: BLE001
             raise ValueError(f"{path}: not a readable zarr store ({exc})") from exc
-        return _open_zarr_array(path, zarr_arr, dataset=dataset, thickness_nm=thickness_nm,
-                                select=select)
+        n_missing = check_zarr_chunks(path, zarr_arr, fill=fill_missing_chunks)
+        arr, info = _open_zarr_array(path, zarr_arr, dataset=dataset,
+                                     thickness_nm=thickness_nm, select=select)
+        if n_missing:
+            info["missing_chunks"] = n_missing
+        return arr, info
     attrs = dict(root.attrs)
     if "array0" in list(root.array_keys()) and "metadata0" in attrs:
-        return _open_abtem_zarr(path, root, attrs["metadata0"], select=select,
-                                thickness_nm=thickness_nm)
+        n_missing = check_zarr_chunks(path, root["array0"], fill=fill_missing_chunks)
+        arr, info = _open_abtem_zarr(path, root, attrs["metadata0"], select=select,
+                                     thickness_nm=thickness_nm)
+        if n_missing:
+            info["missing_chunks"] = n_missing
+        return arr, info
     ds = xr.open_zarr(str(path), consolidated=False)
     var = dataset or ("intensity" if "intensity" in ds else None)
     if var is None:
@@ -727,9 +790,13 @@ def _open_zarr(
     if var not in ds:
         raise ValueError(f"{path}: no variable {var!r}; variables: {list(ds.data_vars)}")
     v = ds[var]
+    n_missing = check_zarr_chunks(path, root[var], fill=fill_missing_chunks)
     if {"x", "y", "kx", "ky"} <= set(v.dims) and not {"scan_y", "scan_x"} & set(v.dims):
         # abTEM's to_data_array() naming (x first); coordinates Å and 1/Å or mrad
-        return _abtem_xarray(path, v, select=select, thickness_nm=thickness_nm)
+        data, info = _abtem_xarray(path, v, select=select, thickness_nm=thickness_nm)
+        if n_missing:
+            info["missing_chunks"] = n_missing
+        return data, info
     sel = dict(select or {})
     if thickness_nm is not None:
         sel["thickness"] = thickness_nm
@@ -765,6 +832,8 @@ def _open_zarr(
         raise ValueError(f"{path}: {var} lacks dimensions {missing} (has {v.dims})")
     v = v.transpose(*DIMS)
     info: dict[str, Any] = {"format": "zarr", "variable": var}
+    if n_missing:
+        info["missing_chunks"] = n_missing
     if "calibration" in attrs:
         c = attrs["calibration"]
         info["calibration"] = Calibration.from_dict(json.loads(c) if isinstance(c, str) else c)

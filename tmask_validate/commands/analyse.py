@@ -44,6 +44,9 @@ def register(subparsers) -> None:
                    help="name in the config's experiments section: file, calibration, structure,"
                         " scan shape, sites (fit or CSV), partial region come from there")
     p.add_argument("--dose-key", default=None, help="dose key recorded in the output metadata")
+    p.add_argument("--fill-missing-chunks", action="store_true",
+                   help="zarr: read chunks missing from the store as the fill value (default: "
+                        "a missing chunk is an error)")
     p.add_argument("--out", required=True, help="output NetCDF (.nc)")
     p.add_argument("--metrics-out", default=None, help="also write the tidy metrics CSV here")
     p.add_argument("--figure", default=None,
@@ -51,12 +54,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _load_store_dataset(path: Path, thickness_nm: float | None):
+def _load_store_dataset(path: Path, thickness_nm: float | None, *,
+                        fill_missing_chunks: bool = False):
     """(data, sites, calibration, cell_A, periodic, origin_A, meta) from a simulation store."""
+    import zarr
+
     from tmask_validate.analysis import sites_from_dataset
+    from tmask_validate.io import check_zarr_chunks
     from tmask_validate.simulate import load_store
 
     ds = load_store(path)
+    check_zarr_chunks(path, zarr.open_group(str(path), mode="r")["intensity"],
+                      fill=fill_missing_chunks)
     inten = ds["intensity"]
     meta = {"structure": ds.attrs.get("structure", path.stem), "simulated": True,
             "dose_e_per_A2": ds.attrs.get("dose_e_per_A2"),
@@ -159,7 +168,8 @@ def _experiment(args, cfg):
         cal_spec = str(base / cal_spec)
     cal = resolve_calibration(cal_spec) if cal_spec is not None else None
     arr = io.load(path, calibration=cal, dataset=ent.get("dataset"),
-                  scan_shape=tuple(ent["scan_shape"]) if ent.get("scan_shape") else None)
+                  scan_shape=tuple(ent["scan_shape"]) if ent.get("scan_shape") else None,
+                  fill_missing_chunks=args.fill_missing_chunks)
     return ent, base, arr
 
 
@@ -178,12 +188,13 @@ def run(args: argparse.Namespace) -> int:
     experimental = False
     if is_store and args.calibration is None:
         data, sites, cal, cell, periodic, origin, meta = _load_store_dataset(
-            inp, args.thickness_nm)
+            inp, args.thickness_nm, fill_missing_chunks=args.fill_missing_chunks)
     else:
         from tmask_validate import io
 
         arr = io.load(inp, calibration=args.calibration, thickness_nm=args.thickness_nm,
-                      scan_shape=tuple(args.scan_shape) if args.scan_shape else None)
+                      scan_shape=tuple(args.scan_shape) if args.scan_shape else None,
+                      fill_missing_chunks=args.fill_missing_chunks)
         cal = Calibration.from_dict(json.loads(arr.attrs["calibration"]))
         cal.require(scan=True, detector=True, what=f"analyse {inp}")
         warn_if_saturated(arr)

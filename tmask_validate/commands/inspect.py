@@ -24,6 +24,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration YAML (default: <file>.calibration.yaml when present)")
     p.add_argument("--dataset", default=None, help="HDF5 dataset path / zarr variable")
     p.add_argument("--thickness-nm", type=float, default=None, help="simulation stores only")
+    p.add_argument("--fill-missing-chunks", action="store_true",
+                   help="zarr: read chunks missing from the store as the fill value (default: "
+                        "a missing chunk is an error)")
     g = p.add_argument_group("calibration flags (override the YAML)")
     g.add_argument("--step-A", type=float, nargs="+", default=None, help="probe step (Å), 1 or 2")
     g.add_argument("--mrad-per-px", type=float, nargs="+", default=None)
@@ -62,7 +65,8 @@ def load_from_arguments(args: argparse.Namespace):
                   frame_header_bytes=args.frame_header_bytes,
                   frame_footer_bytes=args.frame_footer_bytes)
     return io.load(args.file, scan_shape=tuple(args.scan_shape) if args.scan_shape else None,
-                   calibration=cal, dataset=args.dataset, thickness_nm=args.thickness_nm, **kw)
+                   calibration=cal, dataset=args.dataset, thickness_nm=args.thickness_nm,
+                   fill_missing_chunks=getattr(args, "fill_missing_chunks", False), **kw)
 
 
 def register(subparsers) -> None:

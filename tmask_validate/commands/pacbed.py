@@ -80,6 +80,12 @@ def run(args: argparse.Namespace) -> int:
     from tmask_validate.preprocess import bin_detector, disc_center
 
     simulate.load_store(args.library).close()  # exists, readable, complete
+    import zarr
+
+    from tmask_validate.io import check_zarr_chunks
+
+    check_zarr_chunks(args.library, zarr.open_group(str(args.library), mode="r")["intensity"],
+                      fill=args.fill_missing_chunks)
     library = pacbed.library_from_store(args.library)
     arr = load_from_arguments(args)
     if not arr.attrs.get("detector_calibrated", False):
