@@ -460,3 +460,52 @@ def test_missing_chunk_in_pacbed_library_is_an_error(tmp_path, capsys):
     assert main(["pacbed-thickness", str(tmp_path / "d.npy"), "--mrad-per-px", "2",
                  "--library", str(store), "--out", str(tmp_path / "r.json")]) == 2
     assert "missing chunk [0, 0, 0, 0, 0]" in capsys.readouterr().err
+
+
+def test_scan_shape_disagreeing_with_timestamps_warns(tmp_path, capsys):
+    from tmask_validate.cli import main
+    from tmask_validate.io import DataWarning
+
+    data = _rng_data((2, 4, 8, 8), 12)
+    p = write_mib(tmp_path / "x.mib", data)  # flyback gaps after every 4th frame
+    assert load(p).shape[:2] == (2, 4)
+    with pytest.warns(DataWarning, match=r"given scan shape \(1, 8\) disagrees with the "
+                                         r"\(2, 4\) of the frame timestamps"):
+        a = load(p, scan_shape=(1, 8))
+    assert a.shape[:2] == (1, 8) and "disagrees" in a.attrs["scan_shape_warning"]
+    assert main(["inspect", str(p), "--scan-shape", "1", "8"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 1 and "disagrees with the (2, 4)" in err, err
+
+
+def test_mib_header_dimensions_that_disagree_with_the_data(tmp_path):
+    """A header that claims 8x10 frames over 8x8 data is reported as that, not 'truncated'."""
+    data = _rng_data((2, 3, 8, 8), 12)
+    p = write_mib(tmp_path / "x.mib", data)
+    raw = bytearray(p.read_bytes())
+    head = raw[:384].decode()
+    assert head.split(",")[4] == "0008"
+    raw[:384] = head.replace(",0008,0008,", ",0010,0008,", 1).encode()
+    p.write_bytes(bytes(raw))
+    with pytest.raises(ValueError) as info:
+        load(p, scan_shape=(2, 3))
+    msg = str(info.value)
+    assert "truncated" not in msg and "disagree with the data" in msg, msg
+    assert "8x10 pixels" in msg and "next frame header starts at byte 512" in msg
+
+
+def test_garbage_hdr_names_the_file(tmp_path, capsys):
+    from tmask_validate.cli import main
+
+    data = _rng_data((2, 3, 8, 8), 12)
+    p = write_mib(tmp_path / "x.mib", data)
+    hdr = tmp_path / "x.hdr"
+    hdr.write_bytes(np.random.default_rng(0).integers(128, 256, 300).astype(np.uint8).tobytes())
+    with pytest.raises(ValueError, match="x.hdr: not a Merlin .hdr file"):
+        load(p, scan_shape=(2, 3))
+    assert main(["inspect", str(p), "--scan-shape", "2", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(hdr) in err, err
+    hdr.write_text("hello, world\n")  # text, but not a Merlin header
+    with pytest.raises(ValueError, match="does not start with 'HDR'"):
+        load(p, scan_shape=(2, 3))

@@ -10,6 +10,7 @@ import argparse
 import errno
 import importlib
 import sys
+import warnings
 
 #: OSErrors that are the machine's state, not a bug: reported as one line
 USER_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
@@ -44,10 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> None:
+    """Show the package's data warnings as one ``tmask-validate CMD: warning: ...`` line."""
+    from tmask_validate.io import DataWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning):
+            print(f"tmask-validate {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _one_line_warnings(args.command)
     try:
         rc = args.func(args)
     except (ValueError, FileNotFoundError) as exc:

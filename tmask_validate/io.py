@@ -37,6 +37,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,18 @@ __all__ = [
     "read_mib_header",
     "infer_mib_scan_shape",
     "check_zarr_chunks",
+    "DataWarning",
     "DIMS",
     "MIB_FORMATS",
 ]
 
 DIMS = ("scan_y", "scan_x", "ky", "kx")
+
+
+class DataWarning(UserWarning):
+    """Something about the data looks wrong but reading it as asked is still possible."""
+
+
 HDF5_SUFFIXES = {".h5", ".hdf5", ".hdf", ".emd", ".nxs"}
 RAW_SUFFIXES = {".raw", ".bin", ".dat"}
 #: Merlin pixel type code -> (numpy dtype as stored, default counter depth in bits)
@@ -366,8 +374,17 @@ def read_mib_header(path: str | os.PathLike) -> dict:
 
 
 def _parse_hdr(path: Path) -> dict:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a Merlin .hdr file (binary content, byte {exc.start} is "
+                         f"not text); fix or remove it, and give --scan-shape") from None
+    if not text.lstrip().startswith("HDR"):
+        raise ValueError(f"{path}: not a Merlin .hdr file (it does not start with 'HDR'); "
+                         f"fix or remove it, and give --scan-shape")
     out = {}
-    for line in path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         if ":" in line:
             key, _, value = line.partition(":")
             out[key.strip()] = value.strip()
@@ -417,6 +434,32 @@ def infer_mib_scan_shape(times_s: np.ndarray) -> tuple[int, int] | None:
     return n // p, p
 
 
+def _check_frame_size(path: Path, head: dict) -> None:
+    """Raise when the second frame header is not where the first header's dimensions put it.
+
+    The frame size comes from the first header (rows x cols x bytes per pixel + header bytes);
+    if the next ``MQ1`` header starts elsewhere, the header's dimensions (or pixel type)
+    disagree with the data: that is what is reported, not a truncated file.
+    """
+    with open(path, "rb") as fh:
+        chunk = fh.read(4 * head["frame_bytes"] + head["header_bytes"])
+    nxt = chunk.find(b"MQ1,", max(head["header_bytes"], 1))
+    if nxt < 0 or nxt == head["frame_bytes"]:
+        return
+    rows, cols = head["frame_shape"]
+    data_bytes = nxt - head["header_bytes"]
+    itemsize = np.dtype(head["stored_dtype"]).itemsize
+    per_px = data_bytes / (rows * cols)
+    hint = (f"{data_bytes // itemsize} pixels of {itemsize} byte(s)"
+            if data_bytes % itemsize == 0 else f"{data_bytes} bytes")
+    raise ValueError(
+        f"{path}: the frame header says {rows}x{cols} pixels of type {head['code']} "
+        f"({head['frame_bytes']} bytes per frame with its header) but the next frame header "
+        f"starts at byte {nxt}: each frame holds {hint} ({per_px:.3g} bytes per header pixel); "
+        f"the header's frame dimensions or pixel type disagree with the data"
+    )
+
+
 def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array, dict]:
     from rsciio.quantumdetector import file_reader
 
@@ -430,6 +473,8 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
             n_expected = int(hdr["Frames in Acquisition (Number)"])
         except ValueError:
             n_expected = None
+    if head["remainder_bytes"] or n == 0:
+        _check_frame_size(path, head)
     if head["remainder_bytes"]:
         raise ValueError(
             f"{path}: truncated MIB file: {n} complete frames readable, then "
@@ -447,10 +492,11 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
     with open(path, "rb") as fh:
         fh.seek((n - 1) * head["frame_bytes"])
         if fh.read(3) != b"MQ1":
+            _check_frame_size(path, head)
             raise ValueError(f"{path}: frame {n - 1} has no 'MQ1' header; frames differ in size?")
 
     file_shape = None
-    if scan_shape is None and n > 1:
+    if n > 1:
         fpt = int(hdr.get("Frames per Trigger (Number)", "1") or 1)
         if fpt > 1 and n % fpt == 0:
             file_shape = ((n // fpt, fpt), "hdr (frames per trigger = line trigger)")
@@ -459,6 +505,7 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
             shape = infer_mib_scan_shape(times) if times is not None else None
             if shape is not None:
                 file_shape = (shape, "frame timestamps (flyback gaps)")
+    conflict = None
     if scan_shape is not None:
         if int(np.prod(scan_shape)) != n:
             what = "only " if int(np.prod(scan_shape)) > n else ""
@@ -466,6 +513,13 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
                 f"{path}: scan_shape {scan_shape} needs {int(np.prod(scan_shape))} frames but the "
                 f"file holds {what}{n} complete frames"
             )
+        if file_shape is not None and tuple(file_shape[0]) != tuple(scan_shape):
+            conflict = (f"{path}: the given scan shape {tuple(scan_shape)} disagrees with the "
+                        f"{tuple(file_shape[0])} of the {file_shape[1]}; using "
+                        f"{tuple(scan_shape)} as asked (check it: a wrong scan shape shears "
+                        f"every image)")
+            warnings.warn(conflict, DataWarning, stacklevel=3)
+        file_shape = None
         nav = scan_shape
     elif file_shape is not None:
         nav = file_shape[0]
@@ -502,6 +556,8 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
     }
     if hdr:
         info["mib_hdr"] = {k: hdr[k] for k in list(hdr)[:40]}
+    if conflict:
+        info["scan_shape_warning"] = conflict
     return arr, info
 
 
