@@ -180,19 +180,29 @@ def _show_image(ax, ads, img, *, tile=3, title="", cmap="gray", unit: str | None
     return art
 
 
-def _mask_display_limits(mask: np.ndarray, diverging: bool) -> tuple[float, float]:
-    """Colour limits that show the structure of a mask: symmetric for PCC maps; for
-    non-negative weight masks the 99th percentile of the non-zero weights (an Eq. 8 mask has a
-    few huge weights on near-zero-mean pixels that would otherwise paint it black)."""
+#: non-negative weight masks spanning more than this ratio are shown on a log scale
+LOG_MASK_RANGE = 1e3
+
+
+def _mask_norm(mask: np.ndarray, diverging: bool):
+    """Colour normalisation that shows the structure of a mask: symmetric for PCC maps;
+    for non-negative weight masks linear from 0 unless the non-zero weights span more than
+    :data:`LOG_MASK_RANGE` (an Eq. 8 mask: weights 1e1-1e9, largest on near-zero-mean pixels
+    at the aperture edge, which a linear scale paints black), then logarithmic from the 1st
+    percentile to the largest weight (zeros drawn black)."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    m = np.asarray(mask, float)
     if diverging:
-        v = float(np.nanmax(np.abs(mask))) if mask.size else 0.0
-        return -(v or 1.0), (v or 1.0)
-    nz = mask[np.isfinite(mask) & (mask != 0)]
+        v = float(np.nanmax(np.abs(m))) if m.size else 0.0
+        return Normalize(-(v or 1.0), v or 1.0)
+    nz = m[np.isfinite(m) & (m > 0)]
     if nz.size == 0:
-        return 0.0, 1.0
-    lo = min(0.0, float(np.nanmin(mask)))
-    hi = float(np.percentile(np.abs(nz), 99))
-    return lo, hi if hi > lo else lo + 1.0
+        return Normalize(0.0, 1.0)
+    lo, hi = float(np.percentile(nz, 1)), float(nz.max())
+    if np.nanmin(m) >= 0 and hi > LOG_MASK_RANGE * lo:
+        return LogNorm(lo, hi, clip=True)
+    return Normalize(min(0.0, float(np.nanmin(m))), hi)
 
 
 def _show_mask(ax, ads, mask, *, title="", diverging=True, unit: str | None = UNIT_PCC,
@@ -200,9 +210,13 @@ def _show_mask(ax, ads, mask, *, title="", diverging=True, unit: str | None = UN
     """Detector-plane mask in mrad; ``unit=None``: no colour bar."""
     ky, kx = ads["ky"].values, ads["kx"].values
     ext = (kx[0], kx[-1], ky[-1], ky[0])
-    vmin, vmax = _mask_display_limits(np.asarray(mask, float), diverging)
-    art = ax.imshow(mask, cmap="RdBu_r" if diverging else "gray", vmin=vmin, vmax=vmax,
-                    extent=ext, origin="upper")
+    norm = _mask_norm(mask, diverging)
+    shown = np.asarray(mask, float)
+    if type(norm).__name__ == "LogNorm":
+        shown = np.where(shown > 0, shown, np.nan)  # zeros: the axes background (black)
+        ax.set_facecolor("black")
+    art = ax.imshow(shown, cmap="RdBu_r" if diverging else "gray", norm=norm, extent=ext,
+                    origin="upper")
     ax.set_title(title, fontsize=8)
     ax.tick_params(labelsize=6, length=2, pad=1)
     if axis_labels:
@@ -247,7 +261,8 @@ def _overlay_sites(ax, ads, tile=3):
         p = np.concatenate(pts)
         ax.scatter(p[:, 1] + sx / 2, p[:, 0] + sy / 2, s=6, facecolors="none",
                    edgecolors=colors[k % len(colors)], linewidths=0.6, label=L)
-    ax.legend(fontsize=6, loc="lower right", framealpha=0.6, markerscale=1.5)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4,
+              frameon=False, markerscale=1.5, handletextpad=0.2, columnspacing=0.8)
 
 
 #: per figure kind: (human heading, what to look at, in-sample?) for the report
@@ -385,8 +400,8 @@ def fig2_adf(ads: xr.Dataset, *, tile: int = 3):
            "mean (line) and 16-84 % spread (band) over the detector pixels of each "
            "one-pixel-wide ring of the mean intensity (blue, log scale) and the PCC (red); (d) "
            "optimised ADF image from the Eq. 8 ('mean') mask of the ADF image thresholded at "
-           "r > 0 and applied to the raw data (mask inset, grey scale clipped at the 99th "
-           "percentile of its weights).")
+           "r > 0 and applied to the raw data (mask inset; its weights span decades, so the grey "
+           "scale is logarithmic when they span more than 1e3).")
     return fig, cap
 
 
@@ -421,8 +436,8 @@ def fig3_species(ads: xr.Dataset, *, kind: str = "binary", tile: int = 3, norm: 
 
 def _arrow_scale(dmax_A: float, cell_A: float) -> tuple[float, float]:
     """(magnification, key length in Å) for displacement arrows: the longest arrow drawn at
-    about 40 % of the cell edge (a round magnification), the key a round length <= the
-    longest displacement."""
+    about 40 % of ``cell_A`` (the column spacing; a round magnification), the key a round
+    length <= the longest displacement."""
     if not (np.isfinite(dmax_A) and dmax_A > 0):
         return 1.0, 0.1
     return _nice_length(4 * 0.4 * cell_A / dmax_A), _nice_length(4 * dmax_A)
@@ -458,7 +473,14 @@ def _ti_o_map(ads, ax, gtag):
         return False
     _show_image(ax, ads, _img(ads, "adf"), tile=1, title="(h) Ti - O-centre displacement")
     d = np.hypot(disp["dx_A"].to_numpy(float), disp["dy_A"].to_numpy(float))
-    mag, key = _arrow_scale(float(np.nanmax(d)) if d.size else 0.0, min(cell[:2]))
+    xy = disp[["x_A", "y_A"]].to_numpy(float)
+    if len(xy) > 1:  # arrow length relative to the Ti-Ti spacing (not the supercell)
+        dist = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))
+        np.fill_diagonal(dist, np.inf)
+        spacing = float(np.median(dist.min(axis=1)))
+    else:
+        spacing = float(min(cell[:2]))
+    mag, key = _arrow_scale(float(np.nanmax(d)) if d.size else 0.0, spacing)
     q = ax.quiver(disp["x_A"], disp["y_A"], disp["dx_A"], disp["dy_A"], color="yellow",
                   angles="xy", scale_units="xy", scale=1.0 / mag, width=0.012)
     ax.quiverkey(q, 0.52, 0.93, key, f"{key:g} Å (arrows ×{mag:g})", labelpos="E",
