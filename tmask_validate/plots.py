@@ -332,7 +332,8 @@ def fig1c_dmatrix(ads: xr.Dataset, *, example: str | None = None):
     ax = fig.add_subplot(gs[3])
     lo, hi = np.percentile(dm, [1, 99])
     art = ax.imshow(dm, aspect="auto", cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-    cb = fig.colorbar(art, ax=ax, fraction=0.04, pad=0.02)
+    # colour bar outside the axes, so the mask strips above stay aligned with the columns
+    cb = fig.colorbar(art, cax=ax.inset_axes([1.02, 0.0, 0.025, 1.0]))
     cb.set_label("normalised D̂ (Eq. 4, dimensionless)", fontsize=7)
     cb.ax.tick_params(labelsize=6)
     ticks = np.linspace(0, len(cang) - 1, 6).astype(int)

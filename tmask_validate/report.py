@@ -57,7 +57,7 @@ table{border-collapse:collapse;font-size:13px;margin:.3em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}
 th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pass{background:#d8f5d8} .fail{background:#f8d0d0} .uninformative{background:#e4e4e4}
-.run td:first-child{white-space:nowrap;color:#555}
+.run td:first-child{white-space:nowrap;color:#555} td.verdict{white-space:nowrap}
 figure{margin:.6em 0 1.4em} figure img{max-width:100%;max-height:82vh;height:auto;
  display:block} figcaption{font-size:13px;color:#333;max-width:75em}
 figcaption .look{display:block;margin-top:2px}
@@ -440,8 +440,9 @@ def build_report(
              "uninformative&nbsp;</span> (a check that its own control makes trivially true "
              "is uninformative, not a pass).</p>")
     if len(ov):
-        p.append(_table(ov, cell_class=lambda c, r: _verdict_class(str(r["verdict"]))
-                        if c == "verdict" else ""))
+        shown = ov.rename(columns={"uninformative": "uninf.", "datasets": "of"})
+        p.append(_table(shown, cell_class=lambda c, r: "verdict " + _verdict_class(
+            str(r["verdict"])) if c == "verdict" else ""))
     p.append("<p class='sub'>Every check with its measured value and threshold: "
              "<a href='#claim-checks'>below</a>.</p></div><div>")
     if lead is not None:
