@@ -140,15 +140,17 @@ def _nice_length(width: float) -> float:
     return float(10 ** k)
 
 
-def _scale_bar(ax, width_A: float, height_A: float, *, color: str = "white"):
+def _scale_bar(ax, width_A: float, height_A: float):
     """Scale bar in Å, lower left, drawn in data coordinates (the image extent is in Å)."""
     from matplotlib.font_manager import FontProperties
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
     L = _nice_length(width_A)
-    bar = AnchoredSizeBar(ax.transData, L, f"{L:g} Å", "lower left", pad=0.3,
-                          color=color, frameon=False, size_vertical=height_A * 0.025,
+    bar = AnchoredSizeBar(ax.transData, L, f"{L:g} Å", "lower left", pad=0.2, borderpad=0.3,
+                          sep=1, color="white", frameon=True, size_vertical=height_A * 0.025,
                           fontproperties=FontProperties(size=6), label_top=True)
+    # a translucent dark box keeps the white bar readable on bright (ABF) and dark images
+    bar.patch.set(facecolor="black", alpha=0.45, edgecolor="none")
     ax.add_artist(bar)
     return bar
 
@@ -175,7 +177,7 @@ def _show_image(ax, ads, img, *, tile=3, title="", cmap="gray", unit: str | None
     ax.set_xticks([])
     ax.set_yticks([])
     if scale_bar:
-        _scale_bar(ax, w, h, color="white" if cmap in ("gray", "magma") else "black")
+        _scale_bar(ax, w, h)
     _colorbar(ax, art, _intensity_unit(ads) if unit is None else unit)
     return art
 
