@@ -115,6 +115,33 @@ def test_plain_snakemake_without_a_config_says_so(tmp_path):
     assert "no config given" in res.stdout + res.stderr
 
 
+def test_ctrl_c_releases_the_lock(tmp_path):
+    """SIGINT to `tmask-validate workflow` while a job runs: the wrapper forwards it and waits,
+    snakemake stops and unlocks, and the next run is not refused as 'Another Snakemake
+    instance is running' (the wrapper used to kill snakemake, leaving the lock)."""
+    import signal
+    import time
+
+    cmd = [_cli(), "workflow", "--config", str(ROOT / "config" / "smoke.yaml"),
+           "--directory", str(tmp_path), "--cores", "1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    locks = tmp_path / ".snakemake" / "locks"
+    t0 = time.time()
+    while not (locks.is_dir() and any(locks.iterdir())):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() - t0 < 120, "snakemake never took its lock"
+        time.sleep(0.2)
+    time.sleep(2.0)  # a job is running now
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    res = _run(cmd + ["-n"], cwd=tmp_path)
+    assert "Another Snakemake instance" not in res.stdout + res.stderr, "lock left behind"
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert not (locks.is_dir() and any(locks.iterdir()))
+    assert proc.returncode != 0 and "waiting for snakemake" in out, out[-3000:]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("smoke")
