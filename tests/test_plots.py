@@ -333,3 +333,42 @@ def test_fig4_arrow_magnification_and_key(dmax, cell):
     assert 0.4 * cell / 2.5 <= drawn <= 0.4 * cell * 1.0001
     assert dmax / 2.5 <= key <= dmax
     assert float(f"{mag:g}") == mag and float(f"{key:g}") == key  # round numbers in the label
+
+
+def test_figures_command_manifest_feeds_human_headings_into_the_report(ads, tmp_path):
+    """figures.json carries heading, what-to-look-at, key and in-sample flags; the report
+    shows the headings, not file stems."""
+    import argparse
+
+    from tmask_validate.analysis import dataset_metrics
+    from tmask_validate.commands import figures as figcmd
+    from tmask_validate.report import build_report
+
+    d = tmp_path / "analysis" / "synth" / "noiseless"
+    d.mkdir(parents=True)
+    ads.to_netcdf(d / "t20nm.nc", engine="h5netcdf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        met = dataset_metrics(ads)
+    met = met.assign(structure="synth", dose_key="noiseless", thickness_nm=20.0)
+    met.to_csv(tmp_path / "metrics.csv", index=False)
+    out = tmp_path / "figures"
+    args = argparse.Namespace(analysis_dir=str(tmp_path / "analysis"),
+                              metrics=str(tmp_path / "metrics.csv"), similarity=None,
+                              config=None, out_dir=str(out))
+    assert figcmd.run(args) == 0
+    man = json.loads((out / "figures.json").read_text())
+    ids = [f["id"] for f in man]
+    assert "fig3_species_synth_g0.35" in ids and "sweep_thickness_synth" in ids
+    for f in man:
+        assert f["title"].startswith("synth: ") and f["look"] and (out / f["png"]).is_file()
+    by = {f["id"]: f for f in man}
+    assert by["fig3_species_synth_g0.35"]["key"] and by["fig3_species_synth_g0.35"]["fit"] \
+        == "in-sample"
+    assert not by["figSI3_binary_synth"]["key"]
+    claims = tmp_path / "claims.csv"
+    pd.DataFrame(columns=["claim_id", "claim", "dataset", "passed", "status"]).to_csv(
+        claims, index=False)
+    text = build_report(out / "figures.json", claims, tmp_path / "metrics.csv")
+    assert "<h3>synth: Atom-specific masks and images (Fig. 3)" in text
+    assert "<h3>fig3_species_synth_g0.35</h3>" not in text
