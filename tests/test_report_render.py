@@ -43,14 +43,11 @@ FULL_CFG = {**SMOKE_CFG, "name": "mine",
                                    "scan": {"step_A": 0.25}}}}
 
 
-def _png(path: Path, seed: int, size_in=(12, 3.5), dpi=100):
+def _png(path: Path, seed: int, shape=(350, 1200)):
+    """A figure-sized PNG (rows x columns px) of smooth random structure."""
     rng = np.random.default_rng(seed)
-    fig, axs = plt.subplots(1, 4, figsize=size_in, layout="constrained")
-    for ax in axs:
-        ax.imshow(rng.normal(size=(20, 30)), cmap="gray")
-    fig.suptitle(f"figure {seed}")
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    img = np.cumsum(rng.normal(size=shape), axis=1)
+    plt.imsave(path, img, cmap="gray")
 
 
 @pytest.fixture(scope="module")
