@@ -242,6 +242,9 @@ def _texts(fig, renderer):
         for t in items:
             if t.get_visible() and t.get_text().strip():
                 out.append((key, t.get_text(), t.get_window_extent(renderer)))
+    for t in [fig._suptitle, *fig.texts]:  # the figure title is a panel of its own
+        if t is not None and t.get_visible() and t.get_text().strip():
+            out.append((0, t.get_text(), t.get_window_extent(renderer)))
     return out
 
 
@@ -269,6 +272,22 @@ def overprints(fig, dpi=80) -> list[tuple[str, str]]:
 def test_no_text_of_one_panel_overprints_another(figures, name):
     clashes = overprints(figures[name])
     assert not clashes, clashes[:5]
+
+
+def test_sweep_and_stability_plots_do_not_overprint():
+    rows = []
+    for name in ("tm_pcc_binary_Pb", "tm_pcc_binary_O"):
+        rows.append({"structure": "S", "name": name, "comparison": "thickness",
+                     "dose_key_a": "noiseless", "dose_key_b": "noiseless",
+                     "thickness_config_nm_a": 2.0, "thickness_config_nm_b": 4.0, "value": 0.8})
+        for dose in (1e4, 1e5):
+            rows.append({"structure": "S", "name": name, "comparison": "dose_vs_noiseless",
+                         "dose_key_a": "noiseless", "dose_key_b": f"d{dose:g}",
+                         "thickness_config_nm_a": 2.0, "thickness_config_nm_b": 2.0,
+                         "value": 0.5})
+    fig, _ = plots.mask_similarity_plot(pd.DataFrame(rows), "S")
+    assert overprints(fig) == []
+    plt.close(fig)
 
 
 def test_fig2_optimised_adf_mask_inset_is_not_a_black_square(figures):

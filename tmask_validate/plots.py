@@ -617,7 +617,7 @@ def sweep_thickness(metrics: pd.DataFrame, structure: str, *, dose_key: str = "n
     images, best ABF, ABF and iCoM vs thickness."""
     d = metrics[(metrics["structure"] == structure) & (metrics["dose_key"] == dose_key)].copy()
     d["t"] = d["thickness_nm"].astype(float)
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
     tm = d[(d["family"] == "template") & (d["normalisation"] == "pcc")
            & (d["template_kind"] == "binary") & (d["metric"] == "specificity")]
     for L, g in tm.groupby("species"):
@@ -657,7 +657,7 @@ def sweep_dose(metrics: pd.DataFrame, structure: str, *, thickness_nm: float | N
     d = d[np.isclose(d["t"], thickness_nm)]
     d["dose"] = pd.to_numeric(d["dose_e_per_A2"], errors="coerce")
     noisy = d[d["dose"].notna()]
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
     labels = [x for x in d.loc[d["metric"] == "cnr", "species"].unique() if x != "fake"]
     light = _light(labels) if labels else ""
     for name, lab in ((f"tm_pcc_binary_{light}", f"template {light}"),
@@ -698,7 +698,7 @@ def mask_similarity_plot(similarity: pd.DataFrame, structure: str):
     (noiseless) and between noisy and noiseless masks at the same thickness, vs dose."""
     s = similarity[similarity["structure"] == structure]
     s = s[s["name"].str.startswith("tm_pcc_binary_")]
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
     th = s[(s["comparison"] == "thickness") & (s["dose_key_a"] == "noiseless")]
     ts = sorted(set(th["thickness_config_nm_a"]) | set(th["thickness_config_nm_b"]))
     adj = {(a, b) for a, b in zip(ts[:-1], ts[1:], strict=True)}
@@ -721,7 +721,7 @@ def mask_similarity_plot(similarity: pd.DataFrame, structure: str):
         axs[1].plot(g.index, g.values, "o-", label=name.replace("tm_pcc_binary_", ""))
     axs[1].set_xscale("log")
     axs[1].set_xlabel("dose (e-/Å²)")
-    axs[1].set_ylabel("mask r (noisy vs noiseless), mean over thickness")
+    axs[1].set_ylabel("mask r, noisy vs noiseless\n(mean over thickness)")
     if axs[1].get_legend_handles_labels()[0]:
         axs[1].legend(fontsize=7)
     fig.suptitle(f"{structure}: stability of the binary PCC masks", fontsize=9)
