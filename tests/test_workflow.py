@@ -176,8 +176,17 @@ def test_smoke_workflow_end_to_end(smoke_run):
     metrics = pd.read_csv(results / "metrics" / "metrics.csv", keep_default_na=False,
                           na_values=[""])
     assert np.all(np.isfinite(metrics["value"].to_numpy(float)))
-    for log in (results / "logs").rglob("*.log"):
-        assert log.stat().st_size >= 0
+    # every analysis has its log, which says what it wrote; no log holds a traceback or error
+    logs = {p.relative_to(results / "logs"): p for p in (results / "logs").rglob("*.log")}
+    analyses = sorted((results / "analysis").rglob("*.nc"))
+    assert analyses
+    for nc in analyses:
+        log = logs.get(Path("analyse") / nc.relative_to(results / "analysis").with_suffix(".log"))
+        assert log is not None, f"no log for {nc}"
+        assert f"-> {nc.relative_to(work)}" in log.read_text(), log
+    for rel, log in logs.items():
+        text = log.read_text()
+        assert "Traceback" not in text and "error:" not in text.lower(), (rel, text[-2000:])
     got = _golden_subset(metrics)
     if os.environ.get("TMASK_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
