@@ -275,6 +275,6 @@ def _finish(args, data, sites, cal, cell, periodic, origin, meta, opts, t0, *, e
         from tmask_validate import plots
 
         fig_path = Path(args.figure) if args.figure else out.with_suffix(".png")
-        write_atomic(fig_path, lambda tmp: plots.dataset_overview(ads, tmp))
+        plots.dataset_overview(ads, fig_path)  # writes .png and .pdf (plots.save)
         print(f"analyse: figure -> {fig_path}")
     return 0
