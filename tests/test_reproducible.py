@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from test_analysis import OPTS, synthetic
 
 from tmask_validate.analysis import analyse_dataset, dataset_metrics
@@ -73,6 +74,7 @@ print(_metrics(*_tapered(1)).to_csv(index=False, float_format="%.17g"))
 """
 
 
+@pytest.mark.slow
 def test_metrics_identical_across_thread_counts():
     outs = []
     for threads in ("1", "2"):

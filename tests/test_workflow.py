@@ -115,6 +115,7 @@ def test_plain_snakemake_without_a_config_says_so(tmp_path):
     assert "no config given" in res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_releases_the_lock(tmp_path):
     """SIGINT to `tmask-validate workflow` while a job runs: the wrapper forwards it and waits,
     snakemake stops and unlocks, and the next run is not refused as 'Another Snakemake
