@@ -347,3 +347,24 @@ def test_programming_errors_are_not_user_errors(monkeypatch):
     monkeypatch.setattr(insp, "load_from_arguments", broken)
     with pytest.raises(TypeError):
         main(["inspect", "whatever.npy"])
+
+
+def test_noise_disk_full_is_one_line(tmp_path, monkeypatch, capsys):
+    """`noise` on a full disk: one line naming the output, no temporary store left."""
+    import errno
+
+    from test_noise import _fake_store
+
+    clean, _ = _fake_store(tmp_path)
+    real = xr.Dataset.to_zarr
+
+    def full(self, store, *a, **kw):
+        real(self.isel(scan_y=slice(0, 1)), store, *a, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", full)
+    out = tmp_path / "n.zarr"
+    assert main(["noise", str(clean), "--dose", "1e5", "--seed", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "disk full" in err and str(out) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.zarr"]
