@@ -1,7 +1,8 @@
 # Validation workflow for template masks (thin: every rule calls a `tmask-validate` subcommand).
 #
 #   tmask-validate workflow --config config/default.yaml --cores 2      (recommended)
-#   snakemake --cores 2 --configfile config/smoke.yaml                  (plain snakemake)
+#   snakemake --cores 2 --configfile config/smoke.yaml                  (plain snakemake;
+#                                                 the config file is required)
 #
 # Stages (one rule file each, tmask_validate/workflow/rules/): simulate (one job per structure x
 # frozen-phonon chunk, then combine) -> noise (one job per structure x dose) -> analyse (one job
@@ -11,12 +12,15 @@ from pathlib import Path
 from tmask_validate.config import validate_config
 from tmask_validate.workflow import targets as T
 
-configfile: "config/default.yaml"
-
+# No `configfile:` directive: Snakemake would deep-merge that file under the user's
+# --configfile, so keys the user's file leaves out would silently come from it. The config is
+# the user's file alone (plus --config overrides), validated and filled from the schema defaults.
+if not workflow.configfiles:
+    raise ValueError("no config given: run `tmask-validate workflow --config config/smoke.yaml` "
+                     "or `snakemake --configfile config/smoke.yaml ...`")
 CFG = validate_config(config)
 # experiment paths in a config are relative to the config file
-T.resolve_experiment_paths(CFG, Path(workflow.configfiles[-1]).parent if workflow.configfiles
-                           else Path.cwd())
+T.resolve_experiment_paths(CFG, Path(workflow.configfiles[-1]).parent)
 R = Path(CFG["workflow"]["results_dir"])
 # the effective config (file + --config overrides + defaults) handed to every command;
 # rewritten only when its content changes, and never a rule input (params carry what jobs use)

@@ -198,3 +198,173 @@ def test_descan_then_pacbed_on_smoke_simulation(tmp_path):
                  str(tmp_path / "lib.zarr"), "--bin", "2", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert abs(res["thickness_nm"] - held) < 0.75, (res["thickness_nm"], held)
+
+
+# ---- bad input: one clear line, never a confident wrong answer (issue 10) ------------------
+def _small_mib(tmp_path, sy=2, sx=4, n=16, seed=1):
+    data = np.random.default_rng(seed).poisson(5.0, (sy, sx, n, n)).astype(np.uint16)
+    return write_mib(tmp_path / "scan.mib", data, bit_depth=12), data
+
+
+@pytest.mark.parametrize("text, scan, det", [
+    ("", False, False),                      # empty file
+    ("mrad_per_px: 0.5\n", False, True),     # only the detector sampling
+    ("step_A: 0.4\n", True, False),          # only the scan step
+])
+def test_partial_calibration_is_uncalibrated_on_the_missing_axis(tmp_path, capsys, text, scan,
+                                                                 det):
+    mib, _ = _small_mib(tmp_path)
+    cal = tmp_path / "cal.yaml"
+    cal.write_text(text)
+    arr = load(mib, scan_shape=(2, 4), calibration=cal)
+    assert arr.attrs["scan_calibrated"] == scan and arr.attrs["detector_calibrated"] == det
+    assert arr.attrs["calibrated"] == (scan and det)
+    assert arr["scan_x"].attrs["units"] == ("A" if scan else "px")
+    assert arr["kx"].attrs["units"] == ("mrad" if det else "px")
+    assert main(["inspect", str(mib), "--scan-shape", "2", "4", "--calibration", str(cal)]) == 0
+    out = capsys.readouterr().out
+    assert "step [1.0, 1.0]" not in out
+    assert ("scan UNCALIBRATED" in out) != scan
+    assert ("detector UNCALIBRATED" in out) != det
+    if not (scan and det):  # commands that need both axes refuse, naming what is missing
+        assert main(["analyse", str(mib), "--scan-shape", "2", "4", "--calibration", str(cal),
+                     "--structure", "LiFePO4", "--out", str(tmp_path / "a.nc")]) == 2
+        err = capsys.readouterr().err
+        assert "uncalibrated" in err and ("step_A" in err or "mrad_per_px" in err)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("step_A: true\nmrad_per_px: 1\n", "step_A"),
+    ("step_A: '0.4'\nmrad_per_px: 1\n", "step_A"),
+    ("step_A: 0.4\nmrad_per_px: [1, yes]\n", "mrad_per_px"),
+    ("step_A: 0.4\nenergy_keV: high\n", "energy_keV"),
+    ("step_A: 0.4\ncenter_px: [900, -5]\n", "outside the 16x16 detector"),
+    ("step_A: [0.4, 0.5\n", "line 2, column 1: YAML syntax error"),
+])
+def test_bad_calibration_is_one_line_naming_the_file(tmp_path, capsys, text, words):
+    mib, _ = _small_mib(tmp_path)
+    cal = tmp_path / "cal.yaml"
+    cal.write_text(text)
+    assert main(["inspect", str(mib), "--scan-shape", "2", "4", "--calibration", str(cal)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert words in err
+    if "outside" not in words:
+        assert str(cal) in err
+
+
+def test_yaml_syntax_error_in_config_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("name: x\nseed: 1\nsimulation:\n  energy_keV: [200\n  Cs_um: 3\n")
+    assert main(["workflow", "--config", str(cfg), "-n"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(cfg) in err and "line " in err, err
+    assert "Traceback" not in err
+
+
+def test_inspect_float_data_and_json_is_valid(tmp_path, capsys):
+    """Float datasets have no counter depth (was KeyError 'bit_depth'); NaN becomes null."""
+    data = np.random.default_rng(0).random((2, 3, 8, 8)).astype(np.float32)
+    data[0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "f.npy", data)
+    assert main(["inspect", str(tmp_path / "f.npy")]) == 0
+    assert "no counter depth" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "f.npy"), "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "NaN" not in text
+    s = json.loads(text)  # strict JSON: NaN would parse in python's json, so check text too
+    assert s["shape"] == [2, 3, 8, 8]
+
+
+def test_saturated_data_warn_with_the_threshold(tmp_path, capsys):
+    data = np.random.default_rng(2).poisson(5.0, (2, 4, 16, 16)).astype(np.uint16)
+    data[..., :6, :6] = 4095                  # 36 / 256 = 14 % of the values at the maximum
+    mib = write_mib(tmp_path / "sat.mib", data, bit_depth=12)
+    assert main(["inspect", str(mib), "--scan-shape", "2", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "14.1% of the detector values" in err and "threshold 1%" in err
+    data[..., :6, :6] = 7                     # unsaturated: no warning
+    mib = write_mib(tmp_path / "ok.mib", data, bit_depth=12)
+    assert main(["inspect", str(mib), "--scan-shape", "2", "4"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_disk_full_is_one_line_and_leaves_no_temporary_files(tmp_path, monkeypatch, capsys):
+    """ENOSPC while zarr writes (descan): one line naming the output, no traceback, no
+    temporary store left behind."""
+    import errno
+
+    mib, _ = _small_mib(tmp_path)
+    cal = tmp_path / "cal.yaml"
+    cal.write_text("step_A: 0.4\nmrad_per_px: 0.9\n")
+    real = xr.Dataset.to_zarr
+
+    def full(self, store, *a, **kw):
+        real(self.isel(scan_y=slice(0, 1)), store, *a, **kw)  # something is on disk already
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", full)
+    out = tmp_path / "c.zarr"
+    assert main(["descan", str(mib), "--scan-shape", "2", "4", "--calibration", str(cal),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "disk full" in err and str(out) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.yaml", "scan.hdr", "scan.mib"]
+
+
+def test_netcdf_writer_disk_full_keeps_the_old_file(tmp_path, monkeypatch):
+    """analyse's NetCDF writer: serialised in memory (HDF5 crashed on a full disk), the old
+    output survives, the temporary file is removed, the error names the target."""
+    import errno
+
+    from tmask_validate.commands import _atomic
+
+    ds = xr.Dataset({"a": (("y", "x"), np.arange(12.0).reshape(3, 4))})
+    out = tmp_path / "a.nc"
+    out.write_bytes(b"old")
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_atomic.os, "fsync", fsync)
+    with pytest.raises(OSError) as info:
+        _atomic.write_netcdf_atomic(ds, out)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(out)
+    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.nc"]
+    monkeypatch.undo()
+    _atomic.write_netcdf_atomic(ds, out)
+    with xr.open_dataset(out, engine="h5netcdf") as back:
+        np.testing.assert_array_equal(back["a"].values, ds["a"].values)
+
+
+def test_programming_errors_are_not_user_errors(monkeypatch):
+    """A TypeError inside a command is a bug: it propagates (traceback), not 'error: ...'."""
+    import tmask_validate.commands.inspect as insp
+
+    def broken(args):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(insp, "load_from_arguments", broken)
+    with pytest.raises(TypeError):
+        main(["inspect", "whatever.npy"])
+
+
+def test_noise_disk_full_is_one_line(tmp_path, monkeypatch, capsys):
+    """`noise` on a full disk: one line naming the output, no temporary store left."""
+    import errno
+
+    from test_noise import _fake_store
+
+    clean, _ = _fake_store(tmp_path)
+    real = xr.Dataset.to_zarr
+
+    def full(self, store, *a, **kw):
+        real(self.isel(scan_y=slice(0, 1)), store, *a, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", full)
+    out = tmp_path / "n.zarr"
+    assert main(["noise", str(clean), "--dose", "1e5", "--seed", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "disk full" in err and str(out) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.zarr"]

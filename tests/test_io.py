@@ -414,3 +414,98 @@ def test_hdf5_py4dstem_layout_preferred(tmp_path):
     np.testing.assert_array_equal(a.values, data)
     with pytest.raises(ValueError, match="no dataset 'nope'"):
         load(p, dataset="nope")
+
+
+def test_missing_zarr_chunk_is_an_error_unless_filled(tmp_path, capsys):
+    """zarr reads a missing chunk as the fill value; we refuse (load, inspect, analyse,
+    pacbed-thickness) unless --fill-missing-chunks is given."""
+    from tmask_validate.cli import main
+
+    store = tmp_path / "s.zarr"
+    inten, cal = _sim_store(store)
+    xr.open_zarr(store).load().to_zarr(  # rewrite with one chunk per scan row
+        tmp_path / "r.zarr", encoding={"intensity": {"chunks": (1, 1, 4, 6, 6)}})
+    store = tmp_path / "r.zarr"
+    load(store, thickness_nm=4.0)  # complete: fine
+    chunk = store / "intensity" / "c" / "1" / "2" / "0" / "0" / "0"
+    assert chunk.is_file()
+    chunk.unlink()
+    with pytest.raises(ValueError, match=r"missing chunk \[1, 2, 0, 0, 0\]") as info:
+        load(store, thickness_nm=4.0)
+    assert str(store) in str(info.value) and "1 of 6 chunks" in str(info.value)
+    assert main(["inspect", str(store), "--thickness-nm", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing chunk" in err, err
+    assert main(["analyse", str(store), "--thickness-nm", "4", "--out",
+                 str(tmp_path / "a.nc")]) == 2
+    assert "missing chunk" in capsys.readouterr().err
+    assert not (tmp_path / "a.nc").exists()
+    # asked for explicitly: the fill value, and the count is recorded
+    a = load(store, thickness_nm=4.0, fill_missing_chunks=True)
+    assert a.attrs["missing_chunks"] == 1
+    np.testing.assert_array_equal(a.values[:2], inten[1][:2])
+    assert main(["inspect", str(store), "--thickness-nm", "4", "--fill-missing-chunks"]) == 0
+
+
+def test_missing_chunk_in_pacbed_library_is_an_error(tmp_path, capsys):
+    from tmask_validate.cli import main
+
+    store = tmp_path / "lib.zarr"
+    _sim_store(tmp_path / "s.zarr")
+    xr.open_zarr(tmp_path / "s.zarr").load().to_zarr(
+        store, encoding={"intensity": {"chunks": (1, 3, 4, 6, 6)}})
+    (store / "intensity" / "c" / "0" / "0" / "0" / "0" / "0").unlink()
+    data = np.random.default_rng(0).poisson(5.0, (2, 2, 6, 6)).astype(np.uint16)
+    np.save(tmp_path / "d.npy", data)
+    assert main(["pacbed-thickness", str(tmp_path / "d.npy"), "--mrad-per-px", "2",
+                 "--library", str(store), "--out", str(tmp_path / "r.json")]) == 2
+    assert "missing chunk [0, 0, 0, 0, 0]" in capsys.readouterr().err
+
+
+def test_scan_shape_disagreeing_with_timestamps_warns(tmp_path, capsys):
+    from tmask_validate.cli import main
+    from tmask_validate.io import DataWarning
+
+    data = _rng_data((2, 4, 8, 8), 12)
+    p = write_mib(tmp_path / "x.mib", data)  # flyback gaps after every 4th frame
+    assert load(p).shape[:2] == (2, 4)
+    with pytest.warns(DataWarning, match=r"given scan shape \(1, 8\) disagrees with the "
+                                         r"\(2, 4\) of the frame timestamps"):
+        a = load(p, scan_shape=(1, 8))
+    assert a.shape[:2] == (1, 8) and "disagrees" in a.attrs["scan_shape_warning"]
+    assert main(["inspect", str(p), "--scan-shape", "1", "8"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 1 and "disagrees with the (2, 4)" in err, err
+
+
+def test_mib_header_dimensions_that_disagree_with_the_data(tmp_path):
+    """A header that claims 8x10 frames over 8x8 data is reported as that, not 'truncated'."""
+    data = _rng_data((2, 3, 8, 8), 12)
+    p = write_mib(tmp_path / "x.mib", data)
+    raw = bytearray(p.read_bytes())
+    head = raw[:384].decode()
+    assert head.split(",")[4] == "0008"
+    raw[:384] = head.replace(",0008,0008,", ",0010,0008,", 1).encode()
+    p.write_bytes(bytes(raw))
+    with pytest.raises(ValueError) as info:
+        load(p, scan_shape=(2, 3))
+    msg = str(info.value)
+    assert "truncated" not in msg and "disagree with the data" in msg, msg
+    assert "8x10 pixels" in msg and "next frame header starts at byte 512" in msg
+
+
+def test_garbage_hdr_names_the_file(tmp_path, capsys):
+    from tmask_validate.cli import main
+
+    data = _rng_data((2, 3, 8, 8), 12)
+    p = write_mib(tmp_path / "x.mib", data)
+    hdr = tmp_path / "x.hdr"
+    hdr.write_bytes(np.random.default_rng(0).integers(128, 256, 300).astype(np.uint8).tobytes())
+    with pytest.raises(ValueError, match="x.hdr: not a Merlin .hdr file"):
+        load(p, scan_shape=(2, 3))
+    assert main(["inspect", str(p), "--scan-shape", "2", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(hdr) in err, err
+    hdr.write_text("hello, world\n")  # text, but not a Merlin header
+    with pytest.raises(ValueError, match="does not start with 'HDR'"):
+        load(p, scan_shape=(2, 3))

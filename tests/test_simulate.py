@@ -62,21 +62,33 @@ def _run(cfg, setup, atoms=None, sim=None, planes=None, slices=None) -> dict:
 
 
 # ------------------------------------------------------------------------------ pure helpers
-def _naive_smooth(n):
-    while True:
-        m = n
-        for p in (2, 3, 5, 7):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
+def _smooth_numbers(limit):
+    """Every 2^a 3^b 5^c 7^d <= limit, by enumerating the exponents (not by trial division)."""
+    out = set()
+    for a in range(limit.bit_length() + 1):
+        for b in range(12):
+            for c in range(9):
+                for d in range(8):
+                    v = 2**a * 3**b * 5**c * 7**d
+                    if v <= limit:
+                        out.add(v)
+    return sorted(out)
 
 
 def test_fft_friendly_size():
+    import bisect
+
     assert S.fft_friendly_size(1133) == 1134  # 2 * 3^4 * 7 instead of 11 * 103
-    for n in range(1, 400):
-        assert S.fft_friendly_size(n) == _naive_smooth(n)
+    # hand-checked: 11 -> 12, 13 -> 14, 17 -> 18, 19 -> 20, 23 -> 24, 29 -> 30, 31 -> 32,
+    # 37 -> 40, 41 -> 42, 43 -> 45, 47 -> 48, 97 -> 98, 101 -> 105, 211 -> 216, 1021 -> 1024
+    known = {1: 1, 2: 2, 11: 12, 13: 14, 17: 18, 19: 20, 23: 24, 29: 30, 31: 32, 37: 40,
+             41: 42, 43: 45, 47: 48, 97: 98, 101: 105, 211: 216, 1021: 1024}
+    for n, want in known.items():
+        assert S.fft_friendly_size(n) == want, n
+    smooth = _smooth_numbers(5000)
+    assert smooth[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14]
+    for n in range(1, 4000):
+        assert S.fft_friendly_size(n) == smooth[bisect.bisect_left(smooth, n)], n
     assert S.grid_gpts((80.0, 10.33), 0.073) == (1120, 144)  # 1096 -> 2^5*5*7; 142 -> 144
     with pytest.raises(ValueError):
         S.grid_gpts((10.0, 10.0), 0.0)

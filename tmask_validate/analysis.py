@@ -611,6 +611,13 @@ def analyse_dataset(
     if n_invalid:
         notes.append(f"{n_invalid} detector pixels below {opts['min_relative_mean']:g} of the "
                      "peak mean intensity left out of the PCC masks")
+    # Eq. 8 weights a column by 1/mean^2: its own, higher floor (analysis.schema)
+    valid_eq8 = valid & (mean_pattern >= opts["eq8_min_relative_mean"] * peak)
+    n_eq8 = int(valid.sum() - valid_eq8.sum())
+    if n_eq8:
+        notes.append(f"{n_eq8} more detector pixels below {opts['eq8_min_relative_mean']:g} of "
+                     "the peak mean intensity left out of the Eq. 8 (mean) masks")
+    valids = {"pcc": valid, "mean": valid_eq8}
     angle = np.asarray(core.scattering_angle_mrad(det_shape, center_px=center_px,
                                                   mrad_per_px=calibration.mrad_per_px))
     max_angle = float(angle.max())
@@ -670,7 +677,8 @@ def analyse_dataset(
     col.add("icom", icom, None, family="icom", normalisation="raw")
 
     # ---- optimised ADF (Eq. 8 map of the ADF image, r > 0, raw data) ----
-    r_mean = np.asarray(core.pcc_mask(data, adf, normalisation="mean", valid=valid), np.float64)
+    r_mean = np.asarray(core.pcc_mask(data, adf, normalisation="mean", valid=valids["mean"]),
+                        np.float64)
     r_thr = np.where(r_mean > 0, r_mean, 0.0)
     adf_opt = core.apply_mask(data, r_thr, normalised=False)
     col.add("adf_opt", adf_opt, r_thr, template=adf, family="adf_opt", template_kind="adf",
@@ -713,7 +721,7 @@ def analyse_dataset(
                              + (f"_{key[6:]}" if key.startswith("shift_") else ""), t,
                              dict(family="control", label="fake", template_kind=kind,
                                   sigma_A=sig or 0.0)))
-    _run_stack(data, stats, col, full, opts, region_name="full", region=None, valid=valid)
+    _run_stack(data, stats, col, full, opts, region_name="full", region=None, valids=valids)
 
     # ---- partial templates (mask from a 1/9 window, image everywhere) ----
     regions = {}
@@ -726,7 +734,7 @@ def analyse_dataset(
                      "noise on a tiled field is impossible; 1/9 window of the one-cell scan used")
         tiled = False
     if tiled:
-        _partial_tiled(data, stats, col, sites, opts, valid=valid, cell_A=cell_A,
+        _partial_tiled(data, stats, col, sites, opts, valids=valids, cell_A=cell_A,
                        step_A=step_A, origin_A=origin_A, ref_sigma=ref_sigma,
                        noiseless=noiseless, dose=dose, notes=notes)
     elif popt["enabled"]:
@@ -744,7 +752,8 @@ def analyse_dataset(
                 part.append((f"partial_{{norm}}_{tag}_{lab}", t,
                              dict(family="partial", label=lab, template_kind=kind,
                                   sigma_A=sig)))
-        _run_stack(data, stats, col, part, opts, region_name="partial", region=reg, valid=valid)
+        _run_stack(data, stats, col, part, opts, region_name="partial", region=reg,
+                   valids=valids)
 
     # ---- split-half: masks from the top half, metrics on the bottom half ----
     if copt["enabled"] and scan_shape[0] >= 4:
@@ -769,7 +778,7 @@ def analyse_dataset(
                              dict(family="half_control", label="fake", template_kind=kind,
                                   sigma_A=sig or 0.0, eval_region="bottom_half")))
         _run_stack(data, stats, col, half, opts, region_name="top_half", region=top,
-                   valid=valid)
+                   valids=valids)
 
     # ---- Fig. 1c sorted D matrix ----
     dmat, dcol_angle = core.sorted_d_matrix(
@@ -789,7 +798,7 @@ def analyse_dataset(
     )
 
 
-def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valid, cell_A, step_A,
+def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valids, cell_A, step_A,
                    origin_A, ref_sigma, noiseless, dose, notes) -> None:
     """Partial templates of a periodic one-cell scan, evaluated on a tiled multi-cell field."""
     from tmask_validate import noise
@@ -834,6 +843,7 @@ def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valid, cell_A, 
     if not entries:
         return
     for norm in opts["templates"]["normalisations"]:
+        valid = valids[norm]
         m_part = np.asarray(core.pcc_mask(field, _stack([(e[3], e[4]) for e in entries]),
                                           normalisation=norm, region=win, valid=valid))
         m_full = np.asarray(core.pcc_mask(field, _stack([(e[3], e[5]) for e in entries]),
@@ -853,14 +863,15 @@ def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valid, cell_A, 
                     **{**c, "family": "partial_ref"})
 
 
-def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, region, valid):
-    """PCC masks of a stack of templates (one pass per normalisation; pixels outside ``valid``
-    left out by the core ``valid`` keyword: mask 0 there) and their Eq. 7 images (one pass per
-    normalisation, all-position statistics)."""
+def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, region, valids):
+    """PCC masks of a stack of templates (one pass per normalisation; pixels outside
+    ``valids[normalisation]`` left out by the core ``valid`` keyword: mask 0 there) and their
+    Eq. 7 images (one pass per normalisation, all-position statistics)."""
     if not entries:
         return
     stack = _stack([(n, t) for n, t, _ in entries])
     for norm in opts["templates"]["normalisations"]:
+        valid = valids[norm]
         masks = np.asarray(core.pcc_mask(data, stack, normalisation=norm, region=region,
                                          valid=valid))
         if masks.ndim == 2:

@@ -17,12 +17,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
+
+from tmask_validate.config import read_yaml
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (int or float, numpy included), not a bool or a string."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_)
+
+
+def _numbers(value: Any, name: str) -> np.ndarray:
+    """``value`` (a number or a list of numbers) as a float array; anything else is an error
+    (``True`` is not 1 and ``"0.4"`` is not 0.4)."""
+    items = list(value) if isinstance(value, list | tuple | np.ndarray) else [value]
+    bad = [v for v in items if not _is_number(v)]
+    if bad or not items:
+        raise ValueError(f"{name} must be a number or a list of numbers, got {value!r}")
+    return np.asarray(items, dtype=float)
 
 
 def _pair(value: Any, name: str) -> tuple[float, float]:
     """Return ``value`` as a ``(y, x)`` pair of positive floats."""
-    arr = np.atleast_1d(np.asarray(value, dtype=float))
+    arr = _numbers(value, name)
     if arr.size == 1:
         arr = np.repeat(arr, 2)
     if arr.shape != (2,) or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
@@ -36,10 +53,12 @@ class Calibration:
 
     Parameters
     ----------
-    step_A : tuple of float
-        Probe step ``(y, x)`` in Å.
-    mrad_per_px : tuple of float
-        Detector sampling ``(ky, kx)`` in mrad per pixel.
+    step_A : tuple of float or None
+        Probe step ``(y, x)`` in Å; ``None``: the scan is uncalibrated (pixel units), never
+        assumed to be 1 Å.
+    mrad_per_px : tuple of float or None
+        Detector sampling ``(ky, kx)`` in mrad per pixel; ``None``: the detector is
+        uncalibrated (pixel units).
     center_px : tuple of float or None
         Zero-angle position ``(ky, kx)`` in detector pixels; ``None`` = estimate from data.
     energy_keV : float
@@ -50,39 +69,70 @@ class Calibration:
         Free-form metadata carried along (e.g. camera length, source file).
     """
 
-    step_A: tuple[float, float] = (1.0, 1.0)
-    mrad_per_px: tuple[float, float] = (1.0, 1.0)
+    step_A: tuple[float, float] | None = None
+    mrad_per_px: tuple[float, float] | None = None
     center_px: tuple[float, float] | None = None
     energy_keV: float = 200.0
     scan_rotation_deg: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "step_A", _pair(self.step_A, "step_A"))
-        object.__setattr__(self, "mrad_per_px", _pair(self.mrad_per_px, "mrad_per_px"))
+        if self.step_A is not None:
+            object.__setattr__(self, "step_A", _pair(self.step_A, "step_A"))
+        if self.mrad_per_px is not None:
+            object.__setattr__(self, "mrad_per_px", _pair(self.mrad_per_px, "mrad_per_px"))
         if self.center_px is not None:
-            c = np.asarray(self.center_px, dtype=float)
+            c = _numbers(self.center_px, "center_px")
             if c.shape != (2,) or not np.all(np.isfinite(c)):
                 raise ValueError(
                     f"center_px must be a finite (ky, kx) pair, got {self.center_px!r}"
                 )
             object.__setattr__(self, "center_px", (float(c[0]), float(c[1])))
-        if not np.isfinite(self.energy_keV) or self.energy_keV <= 0:
+        for name in ("energy_keV", "scan_rotation_deg"):
+            value = getattr(self, name)
+            if not _is_number(value) or not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.energy_keV <= 0:
             raise ValueError(f"energy_keV must be positive, got {self.energy_keV!r}")
-        if not np.isfinite(self.scan_rotation_deg):
-            raise ValueError("scan_rotation_deg must be finite")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a mapping, got {self.extra!r}")
+
+    @property
+    def scan_calibrated(self) -> bool:
+        """True when the probe step is known (scan coordinates in Å)."""
+        return self.step_A is not None
+
+    @property
+    def detector_calibrated(self) -> bool:
+        """True when the detector sampling is known (detector coordinates in mrad)."""
+        return self.mrad_per_px is not None
+
+    def require(self, *, scan: bool = False, detector: bool = False, what: str = "this") -> None:
+        """Raise a one-line ValueError when ``what`` needs an axis the calibration lacks."""
+        missing = []
+        if scan and self.step_A is None:
+            missing.append("the scan step (step_A / step_nm, or --step-A)")
+        if detector and self.mrad_per_px is None:
+            missing.append("the detector sampling (mrad_per_px, or camera_length_mm + "
+                           "pixel_size_um, or --mrad-per-px)")
+        if missing:
+            raise ValueError(f"{what} needs {' and '.join(missing)}: the calibration does not "
+                             f"give it (that axis is uncalibrated)")
 
     def to_dict(self) -> dict:
         """Plain-python dict (YAML/JSON friendly)."""
         d = asdict(self)
-        d["step_A"] = list(self.step_A)
-        d["mrad_per_px"] = list(self.mrad_per_px)
+        d["step_A"] = None if self.step_A is None else list(self.step_A)
+        d["mrad_per_px"] = None if self.mrad_per_px is None else list(self.mrad_per_px)
         d["center_px"] = None if self.center_px is None else list(self.center_px)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
         """Build from a dict such as :meth:`to_dict` writes; unknown keys are an error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a calibration must be a mapping, got {type(d).__name__}")
         known = {"step_A", "mrad_per_px", "center_px", "energy_keV", "scan_rotation_deg", "extra"}
         unknown = set(d) - known
         if unknown:
@@ -94,11 +144,13 @@ class Calibration:
     @classmethod
     def from_yaml(cls, path: str | Path) -> Calibration:
         """Read a YAML calibration sidecar."""
-        with open(path) as fh:
-            d = yaml.safe_load(fh) or {}
+        d = read_yaml(path, what="calibration file") or {}
         if not isinstance(d, dict):
             raise ValueError(f"{path}: a calibration file must hold a mapping")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,12 +213,15 @@ def calibration_from_mapping(d: dict) -> Calibration:
             raise ValueError(
                 "give either mrad_per_px or camera_length_mm + pixel_size_um, not both"
             )
+        for name, value in (("camera_length_mm", cl), ("pixel_size_um", px)):
+            if not _is_number(value):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         d["mrad_per_px"] = mrad_per_px_from_camera_length(float(cl), float(px))
         extra.update(camera_length_mm=float(cl), pixel_size_um=float(px))
     if step_nm is not None:
         if "step_A" in d:
             raise ValueError("give either step_A or step_nm, not both")
-        d["step_A"] = (np.atleast_1d(np.asarray(step_nm, dtype=float)) * 10.0).tolist()
+        d["step_A"] = (_numbers(step_nm, "step_nm") * 10.0).tolist()
         extra["step_nm"] = step_nm
     d["extra"] = extra
     return Calibration.from_dict(d)
@@ -194,11 +249,16 @@ def resolve_calibration(source: Calibration | dict | str | Path | None) -> Calib
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file {path} does not exist")
-    with open(path) as fh:
-        d = yaml.safe_load(fh) or {}
+    d = read_yaml(path, what="calibration file")
+    if d is None:
+        d = {}  # an empty file: nothing calibrated (never defaulted)
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: a calibration file must hold a mapping")
-    return calibration_from_mapping(d)
+        raise ValueError(f"{path}: a calibration file must hold a mapping, got "
+                         f"{type(d).__name__}")
+    try:
+        return calibration_from_mapping(d)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def calibration_from_flags(

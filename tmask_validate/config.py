@@ -88,13 +88,36 @@ def validate_config(config: dict) -> dict:
     return cfg
 
 
+def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
+    """Parse a YAML file; a syntax error is one ValueError line naming the file and line.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ValueError
+        ``<path>: line L, column C: YAML syntax error in this <what>: <problem>``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text file (cannot read it as a {what}: {exc})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}: {where}YAML syntax error in this {what}: {problem}") from None
+
+
 def load_config(path: str | Path) -> dict:
     """Read a YAML config file, validate it and fill defaults (see :func:`validate_config`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as fh:
-        raw = yaml.safe_load(fh)
+    raw = read_yaml(path, what="config file")
     try:
         return validate_config(raw)
     except ValueError as exc:

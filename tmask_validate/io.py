@@ -19,7 +19,9 @@ raw (``.raw``/``.bin``/   flat binary: ``dtype=``, ``frame_shape=``, ``header_by
 Output convention (all formats): dims ``("scan_y", "scan_x", "ky", "kx")``; scan coordinates in Å
 (first probe at 0), detector coordinates in mrad with 0 at ``calibration.center_px`` (or, when the
 centre is not known, at the geometric detector centre; see attrs ``center_px_source``). Without a
-calibration the coordinates are pixel indices and ``attrs["calibrated"]`` is 0.
+calibration the coordinates are pixel indices and ``attrs["calibrated"]`` is 0; an axis whose
+calibration is not given (no ``step_A``: ``attrs["scan_calibrated"]`` 0; no ``mrad_per_px``:
+``attrs["detector_calibrated"]`` 0) stays in pixels -- never a default of 1 Å or 1 mrad.
 
 Detector orientation: ``ky`` is the row index of the frame *as stored in the file* (row 0 = the
 first row written) and ``kx`` the column index, for every format. rosettasciio flips Merlin
@@ -35,6 +37,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +52,19 @@ __all__ = [
     "write_mib",
     "read_mib_header",
     "infer_mib_scan_shape",
+    "check_zarr_chunks",
+    "DataWarning",
     "DIMS",
     "MIB_FORMATS",
 ]
 
 DIMS = ("scan_y", "scan_x", "ky", "kx")
+
+
+class DataWarning(UserWarning):
+    """Something about the data looks wrong but reading it as asked is still possible."""
+
+
 HDF5_SUFFIXES = {".h5", ".hdf5", ".hdf", ".emd", ".nxs"}
 RAW_SUFFIXES = {".raw", ".bin", ".dat"}
 #: Merlin pixel type code -> (numpy dtype as stored, default counter depth in bits)
@@ -88,6 +99,7 @@ def load(
     header_bytes: int = 0,
     frame_header_bytes: int = 0,
     frame_footer_bytes: int = 0,
+    fill_missing_chunks: bool = False,
 ) -> xr.DataArray:
     """Open a 4D-STEM dataset lazily as a calibrated DataArray.
 
@@ -113,14 +125,19 @@ def load(
     dtype, frame_shape, header_bytes, frame_header_bytes, frame_footer_bytes : optional
         Raw binary layout (``.raw``/``.bin``/``.dat``): element dtype (e.g. ``">u2"``), frame
         shape ``(ky, kx)``, bytes before the first frame, and bytes before/after every frame.
+    fill_missing_chunks : bool
+        zarr stores only. A chunk file missing from the store is an error (zarr would silently
+        read it as the fill value, e.g. zeros); True reads it as the fill value instead and
+        records the count in ``attrs["missing_chunks"]``.
 
     Returns
     -------
     xarray.DataArray
         Dask-backed, dims ``("scan_y", "scan_x", "ky", "kx")``, attrs ``calibration`` (JSON),
-        ``calibrated`` (0/1), ``source``, ``format``, ``stored_dtype``, ``bit_depth``,
-        ``saturation_value``, ``scan_shape_source``, ``detector_orientation``,
-        ``center_px_source``, ``scan_units``, ``detector_units``.
+        ``calibrated`` (0/1: both axes), ``scan_calibrated``, ``detector_calibrated``,
+        ``source``, ``format``, ``stored_dtype``, ``bit_depth``, ``saturation_value``,
+        ``scan_shape_source``, ``detector_orientation``, ``center_px_source``, ``scan_units``,
+        ``detector_units``.
 
     Raises
     ------
@@ -143,7 +160,8 @@ def load(
 
     suffix = p.suffix.lower()
     if p.is_dir() or suffix == ".zarr":
-        arr, info = _open_zarr(p, dataset=dataset, thickness_nm=thickness_nm, select=select)
+        arr, info = _open_zarr(p, dataset=dataset, thickness_nm=thickness_nm, select=select,
+                               fill_missing_chunks=fill_missing_chunks)
     elif suffix == ".mib":
         arr, info = _open_mib(p, scan_shape)
     elif suffix in HDF5_SUFFIXES:
@@ -247,20 +265,27 @@ def _wrap(
     arr = _native(arr)
     if arr.chunks[1][0] != sx or arr.chunks[2][0] != ny or arr.chunks[3][0] != nx:
         arr = arr.rechunk((_rows_per_chunk(sx, ny * nx * arr.dtype.itemsize), -1, -1, -1))
-    calibrated = cal is not None
     if cal is None:
         cal = Calibration(extra={"uncalibrated": True})
+    # each axis is calibrated only when the calibration gives it (never a default of 1)
+    scan_cal, det_cal = cal.scan_calibrated, cal.detector_calibrated
+    calibrated = scan_cal and det_cal
     if cal.center_px is not None:
+        cy, cx = cal.center_px
+        if not (-0.5 <= cy <= ny - 0.5 and -0.5 <= cx <= nx - 0.5):
+            raise ValueError(f"{path}: calibration center_px {list(cal.center_px)} lies outside "
+                             f"the {ny}x{nx} detector (ky in [0, {ny - 1}], kx in [0, {nx - 1}])")
         center, center_source = cal.center_px, "calibration"
     else:
         center, center_source = ((ny - 1) / 2.0, (nx - 1) / 2.0), "detector centre (not measured)"
+    step = cal.step_A if scan_cal else (1.0, 1.0)
+    mrad = cal.mrad_per_px if det_cal else (1.0, 1.0)
+    scan_units, det_units = ("A" if scan_cal else "px"), ("mrad" if det_cal else "px")
     coords = {
-        "scan_y": ("scan_y", np.arange(sy) * cal.step_A[0], {"units": "A" if calibrated else "px"}),
-        "scan_x": ("scan_x", np.arange(sx) * cal.step_A[1], {"units": "A" if calibrated else "px"}),
-        "ky": ("ky", (np.arange(ny) - center[0]) * cal.mrad_per_px[0],
-               {"units": "mrad" if calibrated else "px"}),
-        "kx": ("kx", (np.arange(nx) - center[1]) * cal.mrad_per_px[1],
-               {"units": "mrad" if calibrated else "px"}),
+        "scan_y": ("scan_y", np.arange(sy) * step[0], {"units": scan_units}),
+        "scan_x": ("scan_x", np.arange(sx) * step[1], {"units": scan_units}),
+        "ky": ("ky", (np.arange(ny) - center[0]) * mrad[0], {"units": det_units}),
+        "kx": ("kx", (np.arange(nx) - center[1]) * mrad[1], {"units": det_units}),
     }
     bits = info.pop("bit_depth", None)
     if bits is None and np.issubdtype(arr.dtype, np.integer):
@@ -268,6 +293,8 @@ def _wrap(
     attrs = {
         "calibration": json.dumps(cal.to_dict()),
         "calibrated": calibrated,
+        "scan_calibrated": scan_cal,
+        "detector_calibrated": det_cal,
         "source": str(path),
         "format": info.pop("format"),
         "stored_dtype": str(stored),
@@ -276,8 +303,8 @@ def _wrap(
         "scan_shape_source": shape_source,
         "center_px": list(center),
         "center_px_source": center_source,
-        "scan_units": "A" if calibrated else "px",
-        "detector_units": "mrad" if calibrated else "px",
+        "scan_units": scan_units,
+        "detector_units": det_units,
         "detector_orientation": info.pop(
             "detector_orientation",
             "ky = frame row as stored in the file (row 0 first), kx = frame column as stored",
@@ -347,8 +374,17 @@ def read_mib_header(path: str | os.PathLike) -> dict:
 
 
 def _parse_hdr(path: Path) -> dict:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a Merlin .hdr file (binary content, byte {exc.start} is "
+                         f"not text); fix or remove it, and give --scan-shape") from None
+    if not text.lstrip().startswith("HDR"):
+        raise ValueError(f"{path}: not a Merlin .hdr file (it does not start with 'HDR'); "
+                         f"fix or remove it, and give --scan-shape")
     out = {}
-    for line in path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         if ":" in line:
             key, _, value = line.partition(":")
             out[key.strip()] = value.strip()
@@ -398,6 +434,32 @@ def infer_mib_scan_shape(times_s: np.ndarray) -> tuple[int, int] | None:
     return n // p, p
 
 
+def _check_frame_size(path: Path, head: dict) -> None:
+    """Raise when the second frame header is not where the first header's dimensions put it.
+
+    The frame size comes from the first header (rows x cols x bytes per pixel + header bytes);
+    if the next ``MQ1`` header starts elsewhere, the header's dimensions (or pixel type)
+    disagree with the data: that is what is reported, not a truncated file.
+    """
+    with open(path, "rb") as fh:
+        chunk = fh.read(4 * head["frame_bytes"] + head["header_bytes"])
+    nxt = chunk.find(b"MQ1,", max(head["header_bytes"], 1))
+    if nxt < 0 or nxt == head["frame_bytes"]:
+        return
+    rows, cols = head["frame_shape"]
+    data_bytes = nxt - head["header_bytes"]
+    itemsize = np.dtype(head["stored_dtype"]).itemsize
+    per_px = data_bytes / (rows * cols)
+    hint = (f"{data_bytes // itemsize} pixels of {itemsize} byte(s)"
+            if data_bytes % itemsize == 0 else f"{data_bytes} bytes")
+    raise ValueError(
+        f"{path}: the frame header says {rows}x{cols} pixels of type {head['code']} "
+        f"({head['frame_bytes']} bytes per frame with its header) but the next frame header "
+        f"starts at byte {nxt}: each frame holds {hint} ({per_px:.3g} bytes per header pixel); "
+        f"the header's frame dimensions or pixel type disagree with the data"
+    )
+
+
 def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array, dict]:
     from rsciio.quantumdetector import file_reader
 
@@ -411,6 +473,8 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
             n_expected = int(hdr["Frames in Acquisition (Number)"])
         except ValueError:
             n_expected = None
+    if head["remainder_bytes"] or n == 0:
+        _check_frame_size(path, head)
     if head["remainder_bytes"]:
         raise ValueError(
             f"{path}: truncated MIB file: {n} complete frames readable, then "
@@ -428,10 +492,11 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
     with open(path, "rb") as fh:
         fh.seek((n - 1) * head["frame_bytes"])
         if fh.read(3) != b"MQ1":
+            _check_frame_size(path, head)
             raise ValueError(f"{path}: frame {n - 1} has no 'MQ1' header; frames differ in size?")
 
     file_shape = None
-    if scan_shape is None and n > 1:
+    if n > 1:
         fpt = int(hdr.get("Frames per Trigger (Number)", "1") or 1)
         if fpt > 1 and n % fpt == 0:
             file_shape = ((n // fpt, fpt), "hdr (frames per trigger = line trigger)")
@@ -440,6 +505,7 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
             shape = infer_mib_scan_shape(times) if times is not None else None
             if shape is not None:
                 file_shape = (shape, "frame timestamps (flyback gaps)")
+    conflict = None
     if scan_shape is not None:
         if int(np.prod(scan_shape)) != n:
             what = "only " if int(np.prod(scan_shape)) > n else ""
@@ -447,6 +513,13 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
                 f"{path}: scan_shape {scan_shape} needs {int(np.prod(scan_shape))} frames but the "
                 f"file holds {what}{n} complete frames"
             )
+        if file_shape is not None and tuple(file_shape[0]) != tuple(scan_shape):
+            conflict = (f"{path}: the given scan shape {tuple(scan_shape)} disagrees with the "
+                        f"{tuple(file_shape[0])} of the {file_shape[1]}; using "
+                        f"{tuple(scan_shape)} as asked (check it: a wrong scan shape shears "
+                        f"every image)")
+            warnings.warn(conflict, DataWarning, stacklevel=3)
+        file_shape = None
         nav = scan_shape
     elif file_shape is not None:
         nav = file_shape[0]
@@ -483,6 +556,8 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
     }
     if hdr:
         info["mib_hdr"] = {k: hdr[k] for k in list(hdr)[:40]}
+    if conflict:
+        info["scan_shape_warning"] = conflict
     return arr, info
 
 
@@ -754,8 +829,56 @@ def _hdf5_counter_depth(f, name: str) -> int | None:
 # ----------------------------------------------------------------------------------------------
 # zarr (our simulation store, xarray zarr, raw abTEM)
 # ----------------------------------------------------------------------------------------------
+def check_zarr_chunks(path: str | os.PathLike, array, *, fill: bool = False) -> int:
+    """Check that every chunk of a zarr array is stored; return how many are missing.
+
+    zarr reads a chunk that is not in the store as the array's fill value (zeros, usually),
+    so a store that lost a file would analyse as if those probe positions saw nothing. Our
+    writers store every chunk (``write_empty_chunks=True``).
+
+    Parameters
+    ----------
+    path : path-like
+        The store (for the message).
+    array : zarr.Array
+        The array to check.
+    fill : bool
+        False: raise on a missing chunk. True: return the count (the caller reads the fill
+        value there).
+
+    Raises
+    ------
+    ValueError
+        One line naming the store, the array, the first missing chunk (its grid index and key)
+        and how many are missing.
+    """
+    import itertools
+
+    n_total = int(array.nchunks)
+    n_have = int(array.nchunks_initialized)
+    missing = n_total - n_have
+    if missing <= 0 or fill:
+        return max(missing, 0)
+    first = None
+    local = Path(path) / str(array.path)
+    if local.is_dir():
+        for idx in itertools.product(*(range(n) for n in array.cdata_shape)):
+            key = array.metadata.encode_chunk_key(idx)
+            if not (local / key).exists():
+                first = f"chunk {list(idx)} ({local / key})"
+                break
+    where = first or f"{missing} of {n_total} chunks"
+    raise ValueError(
+        f"{path}: array {array.path!r} is missing {where}; {missing} of {n_total} chunks are "
+        f"not in the store (incomplete copy or deleted file?). Reading them as the fill value "
+        f"{array.fill_value!r} would give wrong results; pass fill_missing_chunks=True "
+        f"(CLI: --fill-missing-chunks) to do it anyway"
+    )
+
+
 def _open_zarr(
-    path: Path, *, dataset: str | None, thickness_nm: float | None, select: dict | None
+    path: Path, *, dataset: str | None, thickness_nm: float | None, select: dict | None,
+    fill_missing_chunks: bool = False,
 ) -> tuple[da.Array, dict]:
     import zarr
 
@@ -767,12 +890,20 @@ def _open_zarr(
             zarr_arr = zarr.open_array(str(path), mode="r")
         except Exception:  # noqa: BLE001
             raise ValueError(f"{path}: not a readable zarr store ({exc})") from exc
-        return _open_zarr_array(path, zarr_arr, dataset=dataset, thickness_nm=thickness_nm,
-                                select=select)
+        n_missing = check_zarr_chunks(path, zarr_arr, fill=fill_missing_chunks)
+        arr, info = _open_zarr_array(path, zarr_arr, dataset=dataset,
+                                     thickness_nm=thickness_nm, select=select)
+        if n_missing:
+            info["missing_chunks"] = n_missing
+        return arr, info
     attrs = dict(root.attrs)
     if "array0" in list(root.array_keys()) and "metadata0" in attrs:
-        return _open_abtem_zarr(path, root, attrs["metadata0"], select=select,
-                                thickness_nm=thickness_nm)
+        n_missing = check_zarr_chunks(path, root["array0"], fill=fill_missing_chunks)
+        arr, info = _open_abtem_zarr(path, root, attrs["metadata0"], select=select,
+                                     thickness_nm=thickness_nm)
+        if n_missing:
+            info["missing_chunks"] = n_missing
+        return arr, info
     ds = xr.open_zarr(str(path), consolidated=False)
     var = dataset or ("intensity" if "intensity" in ds else None)
     if var is None:
@@ -785,9 +916,13 @@ def _open_zarr(
     if var not in ds:
         raise ValueError(f"{path}: no variable {var!r}; variables: {list(ds.data_vars)}")
     v = ds[var]
+    n_missing = check_zarr_chunks(path, root[var], fill=fill_missing_chunks)
     if {"x", "y", "kx", "ky"} <= set(v.dims) and not {"scan_y", "scan_x"} & set(v.dims):
         # abTEM's to_data_array() naming (x first); coordinates Å and 1/Å or mrad
-        return _abtem_xarray(path, v, select=select, thickness_nm=thickness_nm)
+        data, info = _abtem_xarray(path, v, select=select, thickness_nm=thickness_nm)
+        if n_missing:
+            info["missing_chunks"] = n_missing
+        return data, info
     sel = dict(select or {})
     if thickness_nm is not None:
         sel["thickness"] = thickness_nm
@@ -823,6 +958,8 @@ def _open_zarr(
         raise ValueError(f"{path}: {var} lacks dimensions {missing} (has {v.dims})")
     v = v.transpose(*DIMS)
     info: dict[str, Any] = {"format": "zarr", "variable": var}
+    if n_missing:
+        info["missing_chunks"] = n_missing
     if "calibration" in attrs:
         c = attrs["calibration"]
         info["calibration"] = Calibration.from_dict(json.loads(c) if isinstance(c, str) else c)

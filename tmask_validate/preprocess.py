@@ -71,9 +71,10 @@ def _with_calibration(arr: xr.DataArray, cal: Calibration) -> xr.DataArray:
     """Write a calibration into attrs and recompute the ky/kx coordinates from it."""
     ny, nx = arr.sizes["ky"], arr.sizes["kx"]
     c = cal.center_px if cal.center_px is not None else ((ny - 1) / 2, (nx - 1) / 2)
+    mrad = cal.mrad_per_px if cal.mrad_per_px is not None else (1.0, 1.0)  # else pixel units
     out = arr.assign_coords(
-        ky=("ky", (np.arange(ny) - c[0]) * cal.mrad_per_px[0], arr["ky"].attrs),
-        kx=("kx", (np.arange(nx) - c[1]) * cal.mrad_per_px[1], arr["kx"].attrs),
+        ky=("ky", (np.arange(ny) - c[0]) * mrad[0], arr["ky"].attrs),
+        kx=("kx", (np.arange(nx) - c[1]) * mrad[1], arr["kx"].attrs),
     )
     out.attrs = dict(arr.attrs)
     out.attrs["calibration"] = json.dumps(cal.to_dict())
@@ -311,7 +312,8 @@ def bin_detector(data: xr.DataArray, factor: int) -> xr.DataArray:
     out["kx"].attrs = data["kx"].attrs
     c = cal.center_px if cal.center_px is not None else tuple(data.attrs.get(
         "center_px", ((ny - 1) / 2, (nx - 1) / 2)))
-    new = _replace(cal, mrad_per_px=[v * f for v in cal.mrad_per_px],
+    new = _replace(cal, mrad_per_px=(None if cal.mrad_per_px is None
+                                     else [v * f for v in cal.mrad_per_px]),
                    center_px=[(c[0] + 0.5) / f - 0.5, (c[1] + 0.5) / f - 0.5])
     out.attrs["binning"] = int(data.attrs.get("binning", 1)) * f
     return _with_calibration(out, new)

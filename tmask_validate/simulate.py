@@ -655,7 +655,9 @@ def write_store(ds: xr.Dataset, path: str | Path) -> Path:
     ds.attrs = dict(ds.attrs)
     ds.attrs["complete"] = False
     try:
-        ds.to_zarr(tmp, mode="w", encoding=_encoding(ds), consolidated=False)
+        # every chunk stored, also all-zero ones: a missing chunk then always means damage
+        ds.to_zarr(tmp, mode="w", encoding=_encoding(ds), consolidated=False,
+                   write_empty_chunks=True)
         group = zarr.open_group(str(tmp), mode="r+")
         group.attrs["complete"] = True
         # consolidated metadata (written after `complete`) lets xr.open_zarr(path) open the

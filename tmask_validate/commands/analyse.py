@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from tmask_validate.calibration import Calibration
+from tmask_validate.commands._atomic import write_atomic, write_netcdf_atomic
+from tmask_validate.commands.inspect import warn_if_saturated
 
 #: datasets smaller than this are read into memory once (many passes follow)
 IN_MEMORY_BYTES = 2 * 2**30
@@ -43,6 +44,9 @@ def register(subparsers) -> None:
                    help="name in the config's experiments section: file, calibration, structure,"
                         " scan shape, sites (fit or CSV), partial region come from there")
     p.add_argument("--dose-key", default=None, help="dose key recorded in the output metadata")
+    p.add_argument("--fill-missing-chunks", action="store_true",
+                   help="zarr: read chunks missing from the store as the fill value (default: "
+                        "a missing chunk is an error)")
     p.add_argument("--out", required=True, help="output NetCDF (.nc)")
     p.add_argument("--metrics-out", default=None, help="also write the tidy metrics CSV here")
     p.add_argument("--figure", default=None,
@@ -50,19 +54,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _atomic_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _load_store_dataset(path: Path, thickness_nm: float | None):
+def _load_store_dataset(path: Path, thickness_nm: float | None, *,
+                        fill_missing_chunks: bool = False):
     """(data, sites, calibration, cell_A, periodic, origin_A, meta) from a simulation store."""
+    import zarr
+
     from tmask_validate.analysis import sites_from_dataset
+    from tmask_validate.io import check_zarr_chunks
     from tmask_validate.simulate import load_store
 
     ds = load_store(path)
+    check_zarr_chunks(path, zarr.open_group(str(path), mode="r")["intensity"],
+                      fill=fill_missing_chunks)
     inten = ds["intensity"]
-    meta = {"structure": ds.attrs.get("structure", path.stem),
+    meta = {"structure": ds.attrs.get("structure", path.stem), "simulated": True,
             "dose_e_per_A2": ds.attrs.get("dose_e_per_A2"),
             "n_configurations": ds.attrs.get("n_configurations")}
     if "thickness" in inten.dims:
@@ -101,6 +106,16 @@ def _noiseless_source(meta: dict, shape) -> np.ndarray | None:
         inten = inten.isel(thickness=int(meta.get("thickness_index", 0)))
     out = np.asarray(inten.data)
     return out if out.shape == tuple(shape) else None
+
+
+def _dose_of(attrs) -> float | None:
+    """The dose (e-/Å²) a data file records in its metadata, or None when it records none."""
+    v = attrs.get("dose_e_per_A2")
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) and v > 0 else None
 
 
 def _materialise(data):
@@ -153,7 +168,8 @@ def _experiment(args, cfg):
         cal_spec = str(base / cal_spec)
     cal = resolve_calibration(cal_spec) if cal_spec is not None else None
     arr = io.load(path, calibration=cal, dataset=ent.get("dataset"),
-                  scan_shape=tuple(ent["scan_shape"]) if ent.get("scan_shape") else None)
+                  scan_shape=tuple(ent["scan_shape"]) if ent.get("scan_shape") else None,
+                  fill_missing_chunks=args.fill_missing_chunks)
     return ent, base, arr
 
 
@@ -172,16 +188,20 @@ def run(args: argparse.Namespace) -> int:
     experimental = False
     if is_store and args.calibration is None:
         data, sites, cal, cell, periodic, origin, meta = _load_store_dataset(
-            inp, args.thickness_nm)
+            inp, args.thickness_nm, fill_missing_chunks=args.fill_missing_chunks)
     else:
         from tmask_validate import io
 
         arr = io.load(inp, calibration=args.calibration, thickness_nm=args.thickness_nm,
-                      scan_shape=tuple(args.scan_shape) if args.scan_shape else None)
+                      scan_shape=tuple(args.scan_shape) if args.scan_shape else None,
+                      fill_missing_chunks=args.fill_missing_chunks)
         cal = Calibration.from_dict(json.loads(arr.attrs["calibration"]))
+        cal.require(scan=True, detector=True, what=f"analyse {inp}")
+        warn_if_saturated(arr)
         data, cell, periodic, origin = arr.data, None, False, (0.0, 0.0)
         meta = {"structure": args.structure or inp.stem, "source": str(inp),
-                "thickness_nm": args.thickness_nm}
+                "thickness_nm": args.thickness_nm, "simulated": False,
+                "dose_e_per_A2": _dose_of(arr.attrs), "dose_key": "experiment"}
         experimental = True
     data = _materialise(data)
     if args.sites:
@@ -209,6 +229,8 @@ def _run_experiment(args, cfg, opts, t0) -> int:
 
     ent, base, arr = _experiment(args, cfg)
     cal = Calibration.from_dict(json.loads(arr.attrs["calibration"]))
+    cal.require(scan=True, detector=True, what=f"analyse --experiment {args.experiment}")
+    warn_if_saturated(arr)
     data = _materialise(arr.data)
     cell = None
     if args.sites:
@@ -227,7 +249,8 @@ def _run_experiment(args, cfg, opts, t0) -> int:
         region = ((yy[:, None] >= y0) & (yy[:, None] <= y1)
                   & (xx[None, :] >= x0) & (xx[None, :] <= x1))
     meta = {"structure": ent["structure"], "experiment": args.experiment,
-            "source": str(arr.attrs.get("source", "")), "dose_key": "experiment"}
+            "source": str(arr.attrs.get("source", "")), "dose_key": "experiment",
+            "simulated": False, "dose_e_per_A2": _dose_of(arr.attrs)}
     return _finish(args, data, sites, cal, cell, False, (0.0, 0.0), meta, opts, t0,
                    experimental=True, region=region)
 
@@ -241,21 +264,17 @@ def _finish(args, data, sites, cal, cell, periodic, origin, meta, opts, t0, *, e
                           noiseless=noiseless)
     ads.attrs["wall_time_s"] = float(time.time() - t0)
     out = Path(args.out)
-    tmp = _atomic_path(out)
-    ads.to_netcdf(tmp, engine="h5netcdf")
-    tmp.replace(out)
+    write_netcdf_atomic(ads, out)
     print(f"analyse: {len(ads['name'])} images/masks -> {out} ({time.time() - t0:.1f} s)")
     if args.metrics_out or args.figure or experimental:
         df = dataset_metrics(ads, sites)
         mout = Path(args.metrics_out) if args.metrics_out else out.with_suffix(".csv")
-        tmp = _atomic_path(mout)
-        df.to_csv(tmp, index=False, float_format="%.6g")
-        tmp.replace(mout)
+        write_atomic(mout, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
         print(f"analyse: {len(df)} metric rows -> {mout}")
     if args.figure or experimental:
         from tmask_validate import plots
 
         fig_path = Path(args.figure) if args.figure else out.with_suffix(".png")
-        plots.dataset_overview(ads, fig_path)
+        plots.dataset_overview(ads, fig_path)  # writes .png and .pdf (plots.save)
         print(f"analyse: figure -> {fig_path}")
     return 0

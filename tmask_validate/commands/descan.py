@@ -77,7 +77,7 @@ def write_corrected(corrected, out: Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        ds.to_zarr(str(tmp), mode="w", consolidated=False)
+        ds.to_zarr(str(tmp), mode="w", consolidated=False, write_empty_chunks=True)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

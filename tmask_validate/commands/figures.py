@@ -64,11 +64,14 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     manifest: list[dict] = []
 
-    def emit(fig_id, fig_cap, dataset=""):
+    def emit(kind, fig_id, fig_cap, dataset="", *, structure="", key=False, note=""):
         fig, cap = fig_cap
         png, pdf = plots.save(fig, out / f"{fig_id}.png", dpi=dpi)
+        heading, look, in_sample = plots.FIGURE_GUIDE[kind]
         manifest.append({"id": fig_id, "png": png.name, "pdf": pdf.name, "caption": cap,
-                         "dataset": dataset})
+                         "dataset": dataset, "title": f"{structure}: {heading}{note}",
+                         "look": look, "structure": structure, "key": bool(key),
+                         "fit": "in-sample" if in_sample else ""})
         print(f"figures: {png}")
 
     dsets = _datasets(Path(args.analysis_dir))
@@ -86,31 +89,41 @@ def run(args: argparse.Namespace) -> int:
             ads = ads.load()
         gtag = "g" + format(float(ads.attrs.get("reference_sigma_A", 0.35)), ".2f"
                             ).rstrip("0").rstrip(".")
+        st = {"structure": structure}
         try:
             if builder == "LiFePO4":
-                emit(f"fig1c_dmatrix_{structure}", plots.fig1c_dmatrix(ads), label)
-                emit(f"fig2_adf_{structure}", plots.fig2_adf(ads, tile=tile), label)
-                emit(f"fig3_species_{structure}", plots.fig3_species(ads, tile=tile), label)
-                emit(f"fig5_compare_{structure}", plots.fig5_compare(ads, tile=tile), label)
+                emit("fig3_species", f"fig3_species_{structure}",
+                     plots.fig3_species(ads, tile=tile), label, key=True, **st)
+                emit("fig2_adf", f"fig2_adf_{structure}", plots.fig2_adf(ads, tile=tile), label,
+                     **st)
+                emit("fig5_compare", f"fig5_compare_{structure}",
+                     plots.fig5_compare(ads, tile=tile), label, **st)
+                emit("fig1c_dmatrix", f"fig1c_dmatrix_{structure}", plots.fig1c_dmatrix(ads),
+                     label, **st)
             elif builder == "PbTiO3":
-                emit(f"fig3_species_{structure}_{gtag}",
-                     plots.fig3_species(ads, kind=gtag, tile=tile), label)
-                emit(f"figSI3_binary_{structure}", plots.fig3_species(ads, tile=tile), label)
-                emit(f"fig5_compare_{structure}", plots.fig5_compare(
-                    ads, tile=tile, template=f"tm_pcc_{gtag}_all"), label)
+                emit("fig3_species", f"fig3_species_{structure}_{gtag}",
+                     plots.fig3_species(ads, kind=gtag, tile=tile), label, key=True,
+                     note=f" (gaussian templates, {gtag})", **st)
+                emit("fig5_compare", f"fig5_compare_{structure}", plots.fig5_compare(
+                    ads, tile=tile, template=f"tm_pcc_{gtag}_all"), label, **st)
+                emit("fig3_species", f"figSI3_binary_{structure}",
+                     plots.fig3_species(ads, tile=tile), label,
+                     note=" (binary templates, Fig. SI3)", **st)
             elif builder == "PbTiO3_DW":
-                emit(f"fig4_domain_wall_{structure}", plots.fig4_domain_wall(ads), label)
+                emit("fig4_domain_wall", f"fig4_domain_wall_{structure}",
+                     plots.fig4_domain_wall(ads), label, key=True, **st)
         except (ValueError, KeyError, IndexError) as exc:
             print(f"figures: {structure}: paper figure skipped: {exc}")
         if metrics["structure"].eq(structure).any():
-            emit(f"sweep_thickness_{structure}", plots.sweep_thickness(metrics, structure),
-                 f"{structure}/noiseless")
+            emit("sweep_thickness", f"sweep_thickness_{structure}",
+                 plots.sweep_thickness(metrics, structure), f"{structure}/noiseless",
+                 key=True, **st)
             if (g["dose_key"] != "noiseless").any():
-                emit(f"sweep_dose_{structure}", plots.sweep_dose(metrics, structure),
-                     f"{structure}/thickest")
+                emit("sweep_dose", f"sweep_dose_{structure}", plots.sweep_dose(metrics, structure),
+                     f"{structure}/thickest", **st)
         if sim is not None and sim["structure"].eq(structure).any():
-            emit(f"mask_stability_{structure}", plots.mask_similarity_plot(sim, structure),
-                 f"{structure}/all")
+            emit("mask_stability", f"mask_stability_{structure}",
+                 plots.mask_similarity_plot(sim, structure), f"{structure}/all", **st)
     tmp = out / f".figures.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(out / "figures.json")

@@ -24,6 +24,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration YAML (default: <file>.calibration.yaml when present)")
     p.add_argument("--dataset", default=None, help="HDF5 dataset path / zarr variable")
     p.add_argument("--thickness-nm", type=float, default=None, help="simulation stores only")
+    p.add_argument("--fill-missing-chunks", action="store_true",
+                   help="zarr: read chunks missing from the store as the fill value (default: "
+                        "a missing chunk is an error)")
     g = p.add_argument_group("calibration flags (override the YAML)")
     g.add_argument("--step-A", type=float, nargs="+", default=None, help="probe step (Å), 1 or 2")
     g.add_argument("--mrad-per-px", type=float, nargs="+", default=None)
@@ -62,7 +65,8 @@ def load_from_arguments(args: argparse.Namespace):
                   frame_header_bytes=args.frame_header_bytes,
                   frame_footer_bytes=args.frame_footer_bytes)
     return io.load(args.file, scan_shape=tuple(args.scan_shape) if args.scan_shape else None,
-                   calibration=cal, dataset=args.dataset, thickness_nm=args.thickness_nm, **kw)
+                   calibration=cal, dataset=args.dataset, thickness_nm=args.thickness_nm,
+                   fill_missing_chunks=getattr(args, "fill_missing_chunks", False), **kw)
 
 
 def register(subparsers) -> None:
@@ -87,7 +91,8 @@ def inspect_summary(arr, *, max_frames: int | None = 4096) -> dict:
     except ValueError:
         centre = None
     keys = ("format", "source", "stored_dtype", "bit_depth", "saturation_value",
-            "scan_shape_source", "calibrated", "scan_units", "detector_units",
+            "scan_shape_source", "calibrated", "scan_calibrated", "detector_calibrated",
+            "scan_units", "detector_units",
             "center_px_source", "detector_orientation", "dataset")
     out = {"shape": [int(v) for v in arr.shape], "dims": list(arr.dims), "dtype": str(arr.dtype),
            "nbytes": int(np.prod(arr.shape)) * arr.dtype.itemsize}
@@ -101,27 +106,94 @@ def inspect_summary(arr, *, max_frames: int | None = 4096) -> dict:
     return out
 
 
+def _json_safe(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN/Inf)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+#: warn when more than this fraction of the examined detector values sit at the counter maximum
+SATURATION_WARN_FRACTION = 0.01
+
+
+def saturation_warning(fraction: float | None, saturation_value) -> str | None:
+    """The warning line for a saturated-value fraction above SATURATION_WARN_FRACTION, or None."""
+    if fraction is None or saturation_value is None or not fraction > SATURATION_WARN_FRACTION:
+        return None
+    return (f"warning: {100 * fraction:.1f}% of the detector values examined are at the counter "
+            f"maximum {saturation_value} (threshold {100 * SATURATION_WARN_FRACTION:g}%): "
+            f"saturated counts underestimate the intensity there; intensities and masks over "
+            f"those pixels are biased")
+
+
+def warn_if_saturated(arr, *, max_frames: int | None = 1024) -> str | None:
+    """Print (stderr) and return the saturation warning of a loaded DataArray, if any."""
+    import sys
+
+    from tmask_validate.preprocess import pixel_statistics
+
+    sat = arr.attrs.get("saturation_value")
+    if sat is None or not np.issubdtype(arr.dtype, np.integer):
+        return None
+    st = pixel_statistics(arr, max_frames=max_frames, saturation_value=sat)
+    frac = float(st["n_saturated"].sum() / max(st["n_frames"] * st["mean"].size, 1))
+    msg = saturation_warning(frac, sat)
+    if msg:
+        print(msg, file=sys.stderr)
+    return msg
+
+
+def _calibration_line(cal: dict) -> str:
+    scan = (f"step {cal['step_A']} Å" if cal.get("step_A") is not None
+            else "scan UNCALIBRATED (no step_A: pixel units)")
+    det = (f"{cal['mrad_per_px']} mrad/px" if cal.get("mrad_per_px") is not None
+           else "detector UNCALIBRATED (no mrad_per_px: pixel units)")
+    return (f"{scan}, {det}, centre {cal['center_px']}, {cal['energy_keV']} keV, "
+            f"scan rotation {cal['scan_rotation_deg']}°")
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     arr = load_from_arguments(args)
-    s = inspect_summary(arr, max_frames=args.max_frames or None)
+    s = _json_safe(inspect_summary(arr, max_frames=args.max_frames or None))
+    b = s["bad_pixels"]
+    warning = saturation_warning(b["saturated_value_fraction"], s.get("saturation_value"))
+    if warning:
+        s["warnings"] = [warning]
+        print(warning, file=sys.stderr)
     if args.json:
-        print(json.dumps(s, indent=1))
+        print(json.dumps(s, indent=1, allow_nan=False))
         return 0
     print(f"{s['source']}  [{s['format']}]")
     print(f"  shape      {tuple(s['shape'])}  (scan_y, scan_x, ky, kx); scan shape from "
           f"{s['scan_shape_source']}")
-    print(f"  dtype      {s['dtype']} (stored {s['stored_dtype']}, {s['bit_depth']}-bit, "
-          f"saturation at {s['saturation_value']}); {s['nbytes'] / 2**20:.1f} MiB")
+    if s.get("bit_depth") is not None:
+        depth = (f"stored {s['stored_dtype']}, {s['bit_depth']}-bit, saturation at "
+                 f"{s['saturation_value']}")
+    else:
+        depth = f"stored {s['stored_dtype']}, no counter depth (not integer counts)"
+    print(f"  dtype      {s['dtype']} ({depth}); {s['nbytes'] / 2**20:.1f} MiB")
     cal = s["calibration"]
-    state = "calibrated" if s["calibrated"] else "UNCALIBRATED (pixel units)"
-    print(f"  calibration {state}: step {cal['step_A']} Å, {cal['mrad_per_px']} mrad/px, "
-          f"centre {cal['center_px']}, {cal['energy_keV']} keV, "
-          f"scan rotation {cal['scan_rotation_deg']}°")
+    state = "calibrated" if s["calibrated"] else (
+        "partly calibrated" if s.get("scan_calibrated") or s.get("detector_calibrated")
+        else "UNCALIBRATED (pixel units)")
+    print(f"  calibration {state}: {_calibration_line(cal)}")
     print(f"  orientation {s['detector_orientation']}")
     m = s["mean_pattern"]
-    print(f"  mean pattern: max {m['max']:.3g}, {m['total_counts_per_frame']:.4g} counts/frame, "
+    def g(v, spec):  # NaN/Inf were made None for JSON
+        return "NaN (non-finite values in the data)" if v is None else format(v, spec)
+
+    print(f"  mean pattern: max {g(m['max'], '.3g')}, "
+          f"{g(m['total_counts_per_frame'], '.4g')} counts/frame, "
           f"BF-disc centre {m['disc_centre_px']} px")
-    b = s["bad_pixels"]
     print(f"  bad pixels over {b['n_frames']} frames: {b['n_dead']} dead, {b['n_hot']} hot, "
           f"{b['n_saturated_pixels']} mostly saturated; saturated values "
           f"{100 * b['saturated_value_fraction']:.3f}%")

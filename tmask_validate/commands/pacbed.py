@@ -23,7 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tmask_validate.commands.inspect import add_data_arguments, load_from_arguments
+from tmask_validate.commands.inspect import (
+    add_data_arguments,
+    load_from_arguments,
+    warn_if_saturated,
+)
 
 
 def register(subparsers) -> None:
@@ -76,11 +80,18 @@ def run(args: argparse.Namespace) -> int:
     from tmask_validate.preprocess import bin_detector, disc_center
 
     simulate.load_store(args.library).close()  # exists, readable, complete
+    import zarr
+
+    from tmask_validate.io import check_zarr_chunks
+
+    check_zarr_chunks(args.library, zarr.open_group(str(args.library), mode="r")["intensity"],
+                      fill=args.fill_missing_chunks)
     library = pacbed.library_from_store(args.library)
     arr = load_from_arguments(args)
-    if not arr.attrs.get("calibrated", False):
+    if not arr.attrs.get("detector_calibrated", False):
         raise ValueError("pacbed-thickness needs the detector calibration (mrad/px): "
                          "--calibration YAML, a sidecar, or --mrad-per-px")
+    warn_if_saturated(arr)
     if args.bin < 1:
         raise ValueError(f"--bin must be >= 1, got {args.bin}")
     if args.bin > 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,12 +81,51 @@ def workflow_env() -> dict[str, str]:
     return env
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run ``cmd`` and wait for it; SIGINT/SIGTERM to this process are passed on, not fatal.
+
+    snakemake runs in its own session, so a Ctrl-C in the terminal reaches only this wrapper,
+    which forwards it once per press; snakemake then stops its jobs, removes incomplete outputs
+    and releases its lock on the working directory, and the wrapper waits for it (killing it
+    instead, as ``subprocess.call`` does on KeyboardInterrupt, left the directory locked).
+    """
+    # default SIGINT/SIGTERM handling in snakemake even when this process was started with
+    # them ignored (e.g. `cmd &` from a script): the wrapper decides what to forward
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_default_signals)
+    received: list[int] = []
+
+    def forward(signum, frame):  # noqa: ARG001 - signal handler signature
+        received.append(signum)
+        if proc.poll() is None:
+            if len(received) == 1:
+                print("\ntmask-validate workflow: interrupted; waiting for snakemake to stop "
+                      "its jobs and release its lock (press again to forward again)",
+                      file=sys.stderr, flush=True)
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except InterruptedError:  # pragma: no cover - PEP 475 retries wait() itself
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run(args: argparse.Namespace) -> int:
     from tmask_validate.config import load_config
 
     cmd = snakemake_command(args)
     print("+ " + " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, env=workflow_env())
+    rc = run_forwarding_signals(cmd, workflow_env())
     cfg = load_config(args.config)
     base = Path(args.directory) if args.directory else Path.cwd()
     report = (base / cfg["workflow"]["results_dir"] / "report" / "report.html").resolve()

@@ -12,8 +12,8 @@ scattering_angle_mrad, annular_mask, virtual_detector_masks, virtual_images
     Virtual detectors (Eq. 2), all masks in one pass.
 center_of_mass, integrated_center_of_mass, estimate_center_px
     CoM (points towards atoms) and iCoM (atoms bright).
-sorted_d_matrix, angular_profiles
-    Arrays behind Fig. 1c and Fig. 2c.
+sorted_d_matrix, angular_profiles, binned_profile, sites_near_line
+    Arrays behind Fig. 1c, Fig. 2c (azimuthal mean) and Fig. 5d (sites on a line, periodic).
 use_numba, DEFAULT_CHUNK_BYTES
     Backend switch (compiled kernels vs plain numpy) and the default chunk byte budget.
 """
@@ -27,7 +27,7 @@ from ._detectors import (
     virtual_detector_masks,
     virtual_images,
 )
-from ._figures import angular_profiles, sorted_d_matrix
+from ._figures import angular_profiles, binned_profile, sites_near_line, sorted_d_matrix
 from ._kernels import use_numba
 from ._pcc import (
     NORMALISATIONS,
@@ -45,6 +45,7 @@ __all__ = [
     "NORMALISATIONS",
     "ColumnStats",
     "angular_profiles",
+    "binned_profile",
     "annular_mask",
     "apply_mask",
     "center_of_mass",
@@ -54,6 +55,7 @@ __all__ = [
     "integrated_center_of_mass",
     "pcc_mask",
     "scattering_angle_mrad",
+    "sites_near_line",
     "sorted_d_matrix",
     "template_mask_image",
     "use_numba",

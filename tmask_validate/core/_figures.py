@@ -1,4 +1,4 @@
-"""Array helpers for the paper's visualisations (Fig. 1c and Fig. 2c); no plotting here."""
+"""Array helpers for the paper's visualisations (Figs. 1c, 2c, 5d); no plotting here."""
 
 from __future__ import annotations
 
@@ -116,3 +116,82 @@ def angular_profiles(
         "pcc": r.reshape(-1)[order],
         "index": order,
     }
+
+
+def binned_profile(
+    angle_mrad: Any,
+    values: Any,
+    *,
+    bin_mrad: float,
+    quantiles: tuple[float, float] = (0.16, 0.84),
+) -> dict[str, np.ndarray]:
+    """Azimuthal mean of per-pixel ``values`` in rings of width ``bin_mrad`` (Fig. 2c).
+
+    Parameters
+    ----------
+    angle_mrad, values : array-like, same size
+        Scattering angle and value of each detector pixel (any shape; flattened). Pixels with
+        a non-finite value are left out.
+    bin_mrad : float
+        Ring width in mrad (> 0); rings start at 0 mrad.
+    quantiles : (low, high)
+        The spread band: these quantiles of the values in each ring.
+
+    Returns
+    -------
+    dict
+        ``center_mrad`` (ring centres), ``mean``, ``low``, ``high`` and ``count`` (pixels per
+        ring), for the non-empty rings only.
+    """
+    a = np.asarray(angle_mrad, np.float64).ravel()
+    v = np.asarray(values, np.float64).ravel()
+    if a.shape != v.shape:
+        raise ValueError(f"angle_mrad and values differ in size: {a.size} vs {v.size}")
+    if not (np.isfinite(bin_mrad) and bin_mrad > 0):
+        raise ValueError(f"bin_mrad must be positive, got {bin_mrad!r}")
+    ok = np.isfinite(a) & np.isfinite(v)
+    a, v = a[ok], v[ok]
+    idx = np.floor(a / bin_mrad).astype(np.int64)
+    out = {k: [] for k in ("center_mrad", "mean", "low", "high", "count")}
+    for i in np.unique(idx):
+        sel = v[idx == i]
+        out["center_mrad"].append((i + 0.5) * bin_mrad)
+        out["mean"].append(sel.mean())
+        lo, hi = np.quantile(sel, quantiles)
+        out["low"].append(lo)
+        out["high"].append(hi)
+        out["count"].append(sel.size)
+    return {k: np.asarray(x, np.int64 if k == "count" else np.float64) for k, x in out.items()}
+
+
+def sites_near_line(
+    y_A: Any,
+    x_A: Any,
+    *,
+    y0_A: float,
+    half_width_A: float,
+    cell_A: Any = None,
+    origin_A: Any = (0.0, 0.0),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sites within ``half_width_A`` of the horizontal line ``y = y0_A`` (Fig. 5d markers).
+
+    With a periodic ``cell_A = (Ly, Lx)`` distances wrap: a column at ``y0 + Ly - 0.1`` is
+    0.1 Å from the line, and x positions are returned wrapped into ``[0, Lx)`` measured from
+    ``origin_A[1]``. Without a cell: plain distances, x relative to the origin.
+
+    Returns
+    -------
+    index : ndarray (k,) int
+        Indices of the selected sites.
+    x_along_A : ndarray (k,) float
+        Their position along the line (Å from the origin).
+    """
+    y = np.asarray(y_A, np.float64).ravel()
+    x = np.asarray(x_A, np.float64).ravel() - float(origin_A[1])
+    dy = y - float(y0_A)
+    if cell_A is not None:
+        ly, lx = (float(c) for c in np.asarray(cell_A, np.float64).ravel()[:2])
+        dy = (dy + ly / 2) % ly - ly / 2
+        x = np.mod(x, lx)
+    idx = np.flatnonzero(np.abs(dy) <= float(half_width_A))
+    return idx, x[idx]
