@@ -65,6 +65,13 @@ def tiny_folds(seed=3, nfold=3, unused=True):
     return lab
 
 
+def block_folds():
+    """Folds in blocks of scan rows (long runs of one fold: the 4-row / 2-row kernel tiles)."""
+    lab = np.repeat(np.arange(7) // 3, 5).reshape(TINY_SHAPE[:2])  # folds 0, 0, 0, 1, 1, 1, 2
+    lab[4, 1] = -1
+    return lab
+
+
 def tiny_valid():
     v = np.ones(TINY_SHAPE[2:], bool)
     v[3, 1:4] = False
@@ -87,10 +94,12 @@ def backend(request):
 @pytest.mark.parametrize("use_valid", [False, True], ids=["all_px", "valid"])
 @pytest.mark.parametrize("chunk_bytes", [None, 100, 7 * 24 * 2 + 3], ids=["default", "2rows",
                                                                           "7rows"])
-def test_crossfit_matches_naive_per_fold_loop(dtype, normalisation, k, use_valid, chunk_bytes):
+@pytest.mark.parametrize("fold_kind", ["random", "blocks"])
+def test_crossfit_matches_naive_per_fold_loop(dtype, normalisation, k, use_valid, chunk_bytes,
+                                              fold_kind, backend):
     data = make_tiny_data(dtype)
     tmpl = make_template(k=k)
-    folds = tiny_folds()
+    folds = tiny_folds() if fold_kind == "random" else block_folds()
     valid = tiny_valid() if use_valid else None
     masks, img = core.crossfit_template_image(data, tmpl, folds, normalisation=normalisation,
                                               valid=valid, chunk_bytes=chunk_bytes)
@@ -111,9 +120,10 @@ def test_crossfit_matches_naive_per_fold_loop(dtype, normalisation, k, use_valid
 
 
 @pytest.mark.parametrize("nfold", [2, 35], ids=["K2", "leave_one_out"])
-def test_crossfit_fold_counts_and_backends(nfold, backend):
-    data = make_tiny_data(np.uint16)
-    tmpl = make_template(k=2)
+@pytest.mark.parametrize("k", [1, 2, 4, 5])
+def test_crossfit_fold_counts_template_counts(nfold, k, backend):
+    data = make_tiny_data(np.float64)
+    tmpl = make_template(k=k)
     if nfold == 35:
         folds = np.arange(35).reshape(TINY_SHAPE[:2])
     else:

@@ -20,19 +20,38 @@ cancellation and ``t⁰`` the template standardised once over ``U`` -- Pearson r
 change under an affine map of ``t``) gives every fold's mask; a second pass applies each
 fold's mask to its own patterns.  Two passes whatever the number of folds ``K``.
 
-The chunk work is float64 BLAS (``t⁰_F @ y_F`` and ``y_F @ wᵀ`` per fold present in a
-chunk), float64 accumulation throughout.  Self-contained on purpose (only the input checks
-and the row streaming are shared with :mod:`._pcc`).
+Chunk kernels: compiled numba ones (read uint16/float32/float64 chunks in place; pass 1
+parallel over column blocks with per-fold accumulator slices, pass 2 parallel over rows)
+and a numpy fallback (float64 BLAS per fold group of a chunk); float64 accumulation
+throughout.  Self-contained on purpose (only the input checks and the row streaming are
+shared with :mod:`._pcc` / :mod:`._stream`).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
 
+from . import _kernels
+from ._kernels import use_numba
 from ._pcc import _check_normalisation, _check_templates, _check_valid
 from ._stream import DataInfo, check_data, check_finite_result, iter_row_chunks
+
+try:  # pragma: no cover - exercised implicitly
+    from numba import njit, prange
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover
+    _HAVE_NUMBA = False
+
+#: compiled launches are serialised with the core's other kernels (numba's workqueue
+#: threading layer must not be entered from two Python threads at once)
+_LAUNCH_LOCK = getattr(_kernels, "_LAUNCH_LOCK", None) or threading.Lock()
+
+#: columns per work item of the pass-1 kernel (4 row buffers + 2 accumulator rows in L1/L2)
+_COL_BLOCK = 512
 
 #: relative floor under which a template's out-of-fold std counts as zero (as in pcc_mask)
 _TEMPLATE_STD_FLOOR = 1e-12
@@ -134,6 +153,196 @@ def _fold_groups(lab_chunk: np.ndarray):
     return order, [(int(ls[a]), int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
 
 
+def _fold_sums_numpy(x, lab, t, shift, s1, s2, tp) -> None:
+    """Add the chunk's per-fold Σy, Σy², Σ t y (``y = x - shift``); float64 BLAS per fold."""
+    order, groups = _fold_groups(lab)
+    if not groups:
+        return
+    y = np.subtract(x[order], shift, dtype=np.float64)
+    tt = t[:, order]
+    for f, a, b in groups:
+        yf = y[a:b]
+        s1[f] += yf.sum(axis=0)
+        s2[f] += np.einsum("ij,ij->j", yf, yf)
+        tp[f] += tt[:, a:b] @ yf
+
+
+def _fold_apply_numpy(x, lab, mu, w, out) -> None:
+    """Set ``out[j] = (x_j - mu_f) @ w_fᵀ`` for the chunk's used rows (``f = lab[j]``)."""
+    order, groups = _fold_groups(lab)
+    if not groups:
+        return
+    y = x[order]
+    res = np.empty((order.size, w.shape[1]))
+    for f, a, b in groups:
+        np.matmul(np.subtract(y[a:b], mu[f], dtype=np.float64), w[f].T, out=res[a:b])
+    out[order] = res
+
+
+if _HAVE_NUMBA:
+    _FM = {"reassoc", "contract", "nsz", "arcp"}  # no nnan/ninf: NaN data still propagate
+
+    @njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+    def _fold_sums_numba(x, lab, t, shift, s1, s2, tp, cb):  # pragma: no cover - compiled
+        # parallel over column blocks (each block's slices of the per-fold accumulators
+        # belong to one thread); 4 consecutive rows of one fold share each accumulator
+        # load/store, 2 templates per sweep over the row buffer
+        r = x.shape[0]
+        n = x.shape[1]
+        k = t.shape[0]
+        nb = (n + cb - 1) // cb
+        for b in prange(nb):
+            c0 = b * cb
+            c1 = min(n, c0 + cb)
+            wd = c1 - c0
+            y0 = np.empty(cb, dtype=np.float64)
+            y1 = np.empty(cb, dtype=np.float64)
+            y2 = np.empty(cb, dtype=np.float64)
+            y3 = np.empty(cb, dtype=np.float64)
+            sh = shift[c0:c1]
+            j = 0
+            while j < r:
+                f = lab[j]
+                if f < 0:
+                    j += 1
+                    continue
+                a1 = s1[f, c0:c1]
+                a2 = s2[f, c0:c1]
+                if j + 3 < r and lab[j + 1] == f and lab[j + 2] == f and lab[j + 3] == f:
+                    xa = x[j, c0:c1]
+                    xb = x[j + 1, c0:c1]
+                    xc = x[j + 2, c0:c1]
+                    xd = x[j + 3, c0:c1]
+                    for c in range(wd):
+                        sc = sh[c]
+                        va = np.float64(xa[c]) - sc
+                        vb = np.float64(xb[c]) - sc
+                        vc = np.float64(xc[c]) - sc
+                        vd = np.float64(xd[c]) - sc
+                        y0[c] = va
+                        y1[c] = vb
+                        y2[c] = vc
+                        y3[c] = vd
+                        a1[c] += (va + vb) + (vc + vd)
+                        a2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                    i = 0
+                    while i + 2 <= k:
+                        p0 = t[i, j]
+                        p1 = t[i, j + 1]
+                        p2 = t[i, j + 2]
+                        p3 = t[i, j + 3]
+                        q0 = t[i + 1, j]
+                        q1 = t[i + 1, j + 1]
+                        q2 = t[i + 1, j + 2]
+                        q3 = t[i + 1, j + 3]
+                        la = tp[f, i, c0:c1]
+                        lb = tp[f, i + 1, c0:c1]
+                        for c in range(wd):
+                            ya = y0[c]
+                            yb = y1[c]
+                            yc = y2[c]
+                            yd = y3[c]
+                            la[c] += (p0 * ya + p1 * yb) + (p2 * yc + p3 * yd)
+                            lb[c] += (q0 * ya + q1 * yb) + (q2 * yc + q3 * yd)
+                        i += 2
+                    if i < k:
+                        p0 = t[i, j]
+                        p1 = t[i, j + 1]
+                        p2 = t[i, j + 2]
+                        p3 = t[i, j + 3]
+                        la = tp[f, i, c0:c1]
+                        for c in range(wd):
+                            la[c] += (p0 * y0[c] + p1 * y1[c]) + (p2 * y2[c] + p3 * y3[c])
+                    j += 4
+                else:
+                    xa = x[j, c0:c1]
+                    for c in range(wd):
+                        va = np.float64(xa[c]) - sh[c]
+                        y0[c] = va
+                        a1[c] += va
+                        a2[c] += va * va
+                    for i in range(k):
+                        p0 = t[i, j]
+                        la = tp[f, i, c0:c1]
+                        for c in range(wd):
+                            la[c] += p0 * y0[c]
+                    j += 1
+
+    @njit(cache=True, nogil=True, fastmath=_FM)
+    def _apply_rows(x, j, nrow, mf, wf, out):  # pragma: no cover - compiled
+        # rows j (and j+1 when nrow == 2, same fold) x 4 masks per sweep: each weight load
+        # serves nrow rows, each data load 4 masks
+        n = x.shape[1]
+        k = wf.shape[0]
+        xa = x[j]
+        xb = x[j + nrow - 1]
+        i = 0
+        while i < k:
+            w0 = wf[i]
+            w1 = wf[min(i + 1, k - 1)]
+            w2 = wf[min(i + 2, k - 1)]
+            w3 = wf[min(i + 3, k - 1)]
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            a3 = 0.0
+            b0 = 0.0
+            b1 = 0.0
+            b2 = 0.0
+            b3 = 0.0
+            for c in range(n):
+                mc = mf[c]
+                ya = np.float64(xa[c]) - mc
+                yb = np.float64(xb[c]) - mc
+                a0 += ya * w0[c]
+                a1 += ya * w1[c]
+                a2 += ya * w2[c]
+                a3 += ya * w3[c]
+                b0 += yb * w0[c]
+                b1 += yb * w1[c]
+                b2 += yb * w2[c]
+                b3 += yb * w3[c]
+            got_a = (a0, a1, a2, a3)
+            got_b = (b0, b1, b2, b3)
+            for q in range(min(4, k - i)):
+                out[j, i + q] = got_a[q]
+                if nrow == 2:
+                    out[j + 1, i + q] = got_b[q]
+            i += 4
+
+    @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
+    def _fold_apply_numba(x, lab, mu, w, out):  # pragma: no cover - compiled
+        # parallel over pairs of rows; a pair of one fold shares every weight load
+        r = x.shape[0]
+        for p in prange((r + 1) // 2):
+            j = 2 * p
+            f = lab[j]
+            g = lab[j + 1] if j + 1 < r else -1
+            if f >= 0 and g == f:
+                _apply_rows(x, j, 2, mu[f], w[f], out)
+            else:
+                if f >= 0:
+                    _apply_rows(x, j, 1, mu[f], w[f], out)
+                if g >= 0:
+                    _apply_rows(x, j + 1, 1, mu[g], w[g], out)
+
+
+def _fold_sums(x, lab, t, shift, s1, s2, tp) -> None:
+    if use_numba():
+        with _LAUNCH_LOCK:
+            _fold_sums_numba(x, lab, np.ascontiguousarray(t), shift, s1, s2, tp, _COL_BLOCK)
+    else:
+        _fold_sums_numpy(x, lab, t, shift, s1, s2, tp)
+
+
+def _fold_apply(x, lab, mu, w, out) -> None:
+    if use_numba():
+        with _LAUNCH_LOCK:
+            _fold_apply_numba(x, lab, mu, w, out)
+    else:
+        _fold_apply_numpy(x, lab, mu, w, out)
+
+
 class _FoldSums:
     """Per-fold float64 sums of pass 1: counts, Σy, Σy², Σ t⁰y (``y = x - shift``)."""
 
@@ -145,20 +354,13 @@ class _FoldSums:
         self.shift: np.ndarray | None = None
 
     def add_chunk(self, x: np.ndarray, lab_chunk: np.ndarray, t_chunk: np.ndarray) -> None:
-        order, groups = _fold_groups(lab_chunk)
-        if not groups:
+        used = lab_chunk >= 0
+        if not used.any():
             return
         if self.shift is None:
-            self.shift = x[order[0]].astype(np.float64)
-        y = x[order].astype(np.float64)
-        y -= self.shift
-        tt = t_chunk[:, order]
-        for f, a, b in groups:
-            yf = y[a:b]
-            self.count[f] += b - a
-            self.s1[f] += yf.sum(axis=0)
-            self.s2[f] += np.einsum("ij,ij->j", yf, yf)
-            self.tp[f] += tt[:, a:b] @ yf
+            self.shift = x[int(np.argmax(used))].astype(np.float64)
+        self.count += np.bincount(lab_chunk[used], minlength=self.count.size)
+        _fold_sums(x, lab_chunk, t_chunk, self.shift, self.s1, self.s2, self.tp)
 
 
 def _fold_masks_and_weights(sums: _FoldSums, t_mean: np.ndarray, t_std: np.ndarray,
@@ -198,20 +400,12 @@ def _fold_masks_and_weights(sums: _FoldSums, t_mean: np.ndarray, t_std: np.ndarr
 def _pass_apply_folds(data: Any, info: DataInfo, lab: np.ndarray, w: np.ndarray,
                       mean: np.ndarray, chunk_bytes: int | None) -> np.ndarray:
     """Pass 2: ``image_j = (x_j - mean_f) @ w_fᵀ`` with ``f`` the fold of row ``j``; (k, m)."""
-    k = w.shape[1]
-    out = np.full((info.m, k), np.nan)
-    for r0, x in iter_row_chunks(data, info, chunk_bytes, big_views=False):
+    out = np.full((info.m, w.shape[1]), np.nan)
+    w = np.ascontiguousarray(w)
+    mean = np.ascontiguousarray(mean)
+    for r0, x in iter_row_chunks(data, info, chunk_bytes):
         r1 = r0 + x.shape[0]
-        order, groups = _fold_groups(lab[r0:r1])
-        if not groups:
-            continue
-        y = x[order].astype(np.float64)
-        res = np.empty((order.size, k))
-        for f, a, b in groups:
-            yf = y[a:b]
-            yf -= mean[f]
-            np.matmul(yf, w[f].T, out=res[a:b])
-        out[r0 + order] = res
+        _fold_apply(x, lab[r0:r1], mean, w, out[r0:r1])
     check_finite_result(out[lab >= 0])
     return np.ascontiguousarray(out.T)
 
@@ -295,7 +489,7 @@ def crossfit_template_image(
     t_mean, t_std = _template_fold_moments(t0, lab, k_folds)
 
     sums = _FoldSums(k_folds, t.shape[0], info.n)
-    for r0, x in iter_row_chunks(data, info, chunk_bytes, big_views=False):
+    for r0, x in iter_row_chunks(data, info, chunk_bytes):
         r1 = r0 + x.shape[0]
         sums.add_chunk(x, lab[r0:r1], t0[:, r0:r1])
     r, w, mean = _fold_masks_and_weights(sums, t_mean, t_std, val, normalisation)
