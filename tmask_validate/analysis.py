@@ -975,8 +975,10 @@ def _eval_region(name: str, scan_shape) -> np.ndarray | None:
 #: families whose image was made from a template (template_pcc = Pearson(image, template))
 _TEMPLATE_FAMILIES = ("template", "partial", "half", "control", "half_control", "adf_pcc")
 
-#: per-label columns of metrics.image_metrics copied into the tidy table
-_PER_LABEL = ("signal", "contrast", "cnr", "relative", "crosstalk", "bright", "dark")
+#: per-label columns of metrics.image_metrics copied into the tidy table (``*_median``: the same
+#: with the old median baseline, kept beside the interstitial one)
+_PER_LABEL = ("signal", "contrast", "cnr", "relative", "crosstalk", "bright", "dark",
+              "contrast_median", "cnr_median", "crosstalk_median")
 
 
 def dataset_metrics(
@@ -991,13 +993,20 @@ def dataset_metrics(
     For every image (multiplied by its ``polarity``: BF/ABF images are inverted so columns are
     bright) :func:`tmask_validate.metrics.image_metrics` is evaluated against the real site table
     (controls: real sites plus the control's ``fake`` sites, target ``fake``); split-half
-    entries are evaluated on the bottom half of the scan only (``region``). Rows:
+    entries are evaluated on the bottom half of the scan only (``region``). The background is
+    the interstitial one (pixels >= ``metrics.BACKGROUND_DISTANCE_A`` from every real column;
+    see "Background" in :mod:`tmask_validate.metrics`); ``*_median`` rows repeat the
+    baseline-dependent metrics with the old median background. Rows:
 
-    - per species: ``signal``, ``contrast``, ``cnr``, ``relative`` and, for images made with a
-      single-label template, ``crosstalk`` X[A, B], ``bright``, ``dark``;
+    - per species: ``signal``, ``contrast``, ``cnr``, ``relative``, ``contrast_median``,
+      ``cnr_median`` and, for images made with a single-label template, the full signed
+      crosstalk vector ``crosstalk`` X[A, B] (one row per species B), ``crosstalk_median``,
+      ``bright``, ``dark``;
     - per image with a single-label target (species = target): ``specificity``
-      (1 - max_{B != A} max(X[A, B], 0)), ``specificity_abs`` (1 - max_{B != A} |X[A, B]|) and
-      ``target_bright`` (1 if the target columns are brighter than the background);
+      (1 - max_{B != A} X[A, B], signed, not clipped), ``specificity_abs``
+      (1 - max_{B != A} |X[A, B]|), ``target_bright`` (1 if the target columns are brighter
+      than the background), and the old metric ``specificity_median`` (median background,
+      1 - max_{B != A} max(X^med[A, B], 0)) with ``target_bright_median``;
     - ``template_pcc`` (species = target or "all"): Pearson correlation of the output image with
       its input template over the evaluation region - how far the output just reproduces the
       template. Wrong-site controls with a high value would reveal template bias;
@@ -1028,6 +1037,8 @@ def dataset_metrics(
     rows: list[dict] = []
     names = [str(n) for n in ads["name"].values]
     scan_shape = ads["images"].shape[1:]
+    far = metrics.interstitial_pixels(scan_shape, sites, step_A=step_A, origin_A=origin_A,
+                                      periodic=periodic)
     coord_vals = {k: ads[k].values for k in _NAME_COORDS}
     images_all = ads["images"].values
     for i, name in enumerate(names):
@@ -1050,7 +1061,8 @@ def dataset_metrics(
         try:
             tab = metrics.image_metrics(image, s_eval, step_A=step_A, origin_A=origin_A,
                                         radius_A=radius_A, periodic=periodic, region=region,
-                                        target=target, name=name)
+                                        target=target, name=name, interstitial=far,
+                                        with_median=True)
         except ValueError as exc:
             warnings.warn(f"metrics for {name} skipped: {exc}", stacklevel=2)
             continue
@@ -1073,11 +1085,15 @@ def dataset_metrics(
         if target is not None:
             others = tab[tab["label"] != target]
             x = others["crosstalk"].to_numpy(float)
-            spec = 1.0 - float(np.max(np.maximum(x, 0.0))) if x.size else 1.0
+            x_med = others["crosstalk_median"].to_numpy(float)
+            spec = 1.0 - float(np.max(x)) if x.size else 1.0
             spec_abs = 1.0 - float(np.max(np.abs(x))) if x.size else 1.0
+            spec_med = 1.0 - float(np.max(np.maximum(x_med, 0.0))) if x.size else 1.0
             bright = float(bool(tab["target_bright"].iloc[0]))
+            bright_med = float(bool(tab["target_bright_median"].iloc[0]))
             for m, v in (("specificity", spec), ("specificity_abs", spec_abs),
-                         ("target_bright", bright)):
+                         ("target_bright", bright), ("specificity_median", spec_med),
+                         ("target_bright_median", bright_med)):
                 rows.append({**base, "metric": m, "species": target, "value": v})
     # mask similarities: partial / half vs full-scan masks of the same template
     idx = {n: i for i, n in enumerate(names)}
