@@ -269,5 +269,7 @@ def test_occupancy_series_orders_contrast(crossfit):
              [evidence.Comparison("L", "x1", "x0", 1.0),
               evidence.Comparison("L", "x0.5", "x0", 0.5)])
     t = t.set_index("occupancy")
-    assert t.loc[1.0, "evidence_z"] > t.loc[0.5, "evidence_z"] > 0
+    assert t.loc[1.0, "contrast_present"] > t.loc[0.5, "contrast_present"] > \
+        t.loc[0.5, "contrast_absent"]
+    assert t.loc[1.0, "evidence_z"] > 3 and t.loc[0.5, "evidence_z"] > 3
     assert t.loc[1.0, "contrast_absent"] == pytest.approx(t.loc[0.5, "contrast_absent"])
