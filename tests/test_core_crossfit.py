@@ -169,6 +169,67 @@ def test_crossfit_lazy_inputs_agree(tmp_path):
         np.testing.assert_allclose(i, want_i, rtol=1e-10, atol=1e-9, err_msg=name)
 
 
+def naive_in_sample(data, template, folds, normalisation="pcc", valid=None):
+    """The mask fitted on all used positions, applied there with the used-position stats."""
+    a = np.asarray(data, dtype=np.float64)
+    sy, sx, ky, kx = a.shape
+    D = a.reshape(sy * sx, ky * kx)
+    used = np.asarray(folds).reshape(-1) >= 0
+    v = np.ones(ky * kx, bool) if valid is None else np.asarray(valid, bool).reshape(-1)
+    t = np.asarray(template, dtype=np.float64).reshape(-1, sy * sx)
+    Du = D[used]
+    mean, std = Du.mean(axis=0), Du.std(axis=0)
+    ok = v & (std > 0)
+    if normalisation == "mean":
+        ok &= mean != 0
+    Dh = np.zeros_like(Du)
+    Dh[:, ok] = (Du[:, ok] - mean[ok]) / std[ok]
+    masks, img = [], np.full((t.shape[0], sy * sx), np.nan)
+    for i, ti in enumerate(t):
+        tu = ti[used]
+        r = np.clip((tu - tu.mean()) / tu.std() @ Dh / used.sum(), -1, 1)
+        if normalisation == "mean":
+            r[ok] /= mean[ok]
+            img[i, used] = (Dh[:, ok] / mean[ok]) @ r[ok]
+        else:
+            img[i, used] = Dh @ r
+        masks.append(r)
+    masks = np.array(masks).reshape(-1, ky, kx)
+    img = img.reshape(-1, sy, sx)
+    return (masks, img) if np.ndim(template) == 3 else (masks[0], img[0])
+
+
+@pytest.mark.parametrize("normalisation", ["pcc", "mean"])
+@pytest.mark.parametrize("k", [None, 3], ids=["single", "stack3"])
+def test_crossfit_in_sample_counterpart(normalisation, k, backend):
+    data = make_tiny_data(np.uint16)
+    tmpl = make_template(k=k)
+    folds = tiny_folds()
+    valid = tiny_valid()
+    masks, img, m_in, i_in = core.crossfit_template_image(
+        data, tmpl, folds, normalisation=normalisation, valid=valid, chunk_bytes=300,
+        in_sample=True)
+    want_m, want_i = naive_crossfit(data, tmpl, folds, normalisation, valid)
+    np.testing.assert_allclose(masks, want_m, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(img, want_i, rtol=1e-9, atol=1e-9)
+    # in-sample mask = pcc_mask over the used positions (independent code path)
+    np.testing.assert_allclose(
+        m_in, core.pcc_mask(data, tmpl, normalisation=normalisation, region=folds >= 0,
+                            valid=valid), rtol=1e-9, atol=1e-12)
+    # in-sample image: explicit formulas
+    want_mi, want_ii = naive_in_sample(data, tmpl, folds, normalisation, valid)
+    np.testing.assert_allclose(m_in, want_mi, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(i_in, want_ii, rtol=1e-9, atol=1e-9)
+    assert np.all(np.isnan(i_in[..., folds < 0]))
+    # no unused positions: the in-sample pair is template_mask_image's
+    all_folds = np.abs(folds) % 3
+    _, _, m2, i2 = core.crossfit_template_image(data, tmpl, all_folds,
+                                                normalisation=normalisation, in_sample=True)
+    want_m2, want_i2 = core.template_mask_image(data, tmpl, normalisation=normalisation)
+    np.testing.assert_allclose(m2, want_m2, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(i2, want_i2, rtol=1e-9, atol=1e-9)
+
+
 # ----------------------------------------------------------------------------- (b) noise imprint
 def test_noise_in_sample_reproduces_random_template_crossfit_does_not():
     """Pure Poisson noise, n = 2400 pixels > m = 1200 positions: C ≈ (n/m) I in-sample."""

@@ -363,27 +363,26 @@ class _FoldSums:
         _fold_sums(x, lab_chunk, t_chunk, self.shift, self.s1, self.s2, self.tp)
 
 
-def _fold_masks_and_weights(sums: _FoldSums, t_mean: np.ndarray, t_std: np.ndarray,
-                            valid: np.ndarray | None, normalisation: str):
-    """Out-of-fold masks ``(K, k, n)``, apply weights ``(K, k, n)`` and column means ``(K, n)``."""
-    check_finite_result(sums.s1, sums.s2, sums.tp)
-    n_out = (sums.count.sum() - sums.count).astype(np.float64)  # (K,)
-    s1 = sums.s1.sum(axis=0) - sums.s1
-    s2 = sums.s2.sum(axis=0) - sums.s2
-    tp = sums.tp.sum(axis=0) - sums.tp
-    d1 = s1 / n_out[:, None]
-    var = s2 / n_out[:, None] - d1 * d1
-    # a column constant outside the fold gives var == 0 exactly for integer data; float
+def _masks_and_weights(count, s1, s2, tp, shift, t_mean, t_std, valid, normalisation):
+    """Masks ``(S, k, n)``, apply weights ``(S, k, n)`` and column means ``(S, n)``.
+
+    One entry per position set ``S`` (the out-of-fold sets, or the used set), from that set's
+    count ``(S,)``, ``Σy``, ``Σy²`` ``(S, n)``, ``Σ t⁰y`` ``(S, k, n)`` and template moments.
+    """
+    n_set = count.astype(np.float64)
+    d1 = s1 / n_set[:, None]
+    var = s2 / n_set[:, None] - d1 * d1
+    # a column constant over the set gives var == 0 exactly for integer data; float
     # rounding of (total - in-fold) is caught by a floor relative to the column's own scale
-    floor = 1e-13 * (s2 / n_out[:, None])
+    floor = 1e-13 * (s2 / n_set[:, None])
     std = np.sqrt(np.where(var > floor, var, 0.0))
     if valid is not None:
         std = np.where(valid[None], std, 0.0)
-    mean = sums.shift[None] + d1  # (K, n)
+    mean = shift[None] + d1  # (S, n)
     good = std > 0
-    # numerator Σ_O (t - t̄)(y - ȳ) = Σ_O t y - t̄ Σ_O y  (per fold, per template)
+    # numerator Σ (t - t̄)(y - ȳ) = Σ t y - t̄ Σ y  (per set, per template)
     num = tp - t_mean[:, :, None] * s1[:, None, :]
-    den = n_out[:, None, None] * t_std[:, :, None] * np.where(good, std, 1.0)[:, None, :]
+    den = n_set[:, None, None] * t_std[:, :, None] * np.where(good, std, 1.0)[:, None, :]
     r = np.where(good[:, None, :], num / den, 0.0)
     np.clip(r, -1.0, 1.0, out=r)
     scale = np.zeros_like(std)
@@ -393,8 +392,7 @@ def _fold_masks_and_weights(sums: _FoldSums, t_mean: np.ndarray, t_std: np.ndarr
         scale[good_m] = 1.0 / (std[good_m] * mean[good_m])
     else:
         scale[good] = 1.0 / std[good]
-    w = r * scale[:, None, :]
-    return r, w, mean
+    return r, r * scale[:, None, :], mean
 
 
 def _pass_apply_folds(data: Any, info: DataInfo, lab: np.ndarray, w: np.ndarray,
@@ -419,7 +417,8 @@ def crossfit_template_image(
     normalisation: str = "pcc",
     valid: Any = None,
     chunk_bytes: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    in_sample: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Cross-fitted PCC masks and the held-out template-mask image, in two streaming passes.
 
     For each fold ``f`` the PCC mask (Eqs. 4-6; Eq. 8 for ``"mean"``) is computed from the
@@ -459,6 +458,12 @@ def crossfit_template_image(
         to the image (as in :func:`pcc_mask` / :func:`apply_mask`).
     chunk_bytes : int, optional
         Byte budget of one row chunk (default :data:`DEFAULT_CHUNK_BYTES`).
+    in_sample : bool
+        Also return the in-sample counterpart from the same two passes: the mask fitted on
+        ALL used positions and its image there, normalised with the used-position statistics
+        (``template_mask_image(data, template, region=folds >= 0)`` up to the statistics of
+        the image at unused positions, which are NaN here).  Costs ``k`` more multiply-adds
+        per element in pass 2, no extra pass.  The "template imprint" diagnostic.
 
     Returns
     -------
@@ -471,6 +476,8 @@ def crossfit_template_image(
         scale as :func:`apply_mask` (plain sum over detector pixels, dimensionless for
         ``"pcc"``); NaN at unused positions.  Unlike the in-sample image it need not have
         zero mean over the scan.
+    in_sample_mask, in_sample_image : ndarray
+        Only with ``in_sample=True``: ``([k,] ky, kx)`` and ``([k,] scan_y, scan_x)``.
 
     Raises
     ------
@@ -487,19 +494,40 @@ def crossfit_template_image(
     val = _check_valid(valid, info)
     t0 = _standardise_used(t, lab >= 0)
     t_mean, t_std = _template_fold_moments(t0, lab, k_folds)
+    k = t.shape[0]
 
-    sums = _FoldSums(k_folds, t.shape[0], info.n)
+    # pass 1: per-fold sums; out-of-fold sums = totals - in-fold
+    sums = _FoldSums(k_folds, k, info.n)
     for r0, x in iter_row_chunks(data, info, chunk_bytes):
         r1 = r0 + x.shape[0]
         sums.add_chunk(x, lab[r0:r1], t0[:, r0:r1])
-    r, w, mean = _fold_masks_and_weights(sums, t_mean, t_std, val, normalisation)
+    check_finite_result(sums.s1, sums.s2, sums.tp)
+    tot = (sums.count.sum(), sums.s1.sum(axis=0), sums.s2.sum(axis=0), sums.tp.sum(axis=0))
+    r, w, mean = _masks_and_weights(
+        tot[0] - sums.count, tot[1] - sums.s1, tot[2] - sums.s2, tot[3] - sums.tp,
+        sums.shift, t_mean, t_std, val, normalisation)
+    if in_sample:
+        tu = t0[:, lab >= 0]
+        r_in, w_in, mean_in = _masks_and_weights(
+            np.array([tot[0]]), tot[1][None], tot[2][None], tot[3][None], sums.shift,
+            tu.mean(axis=1)[None], tu.std(axis=1)[None], val, normalisation)
+        # (x - mean_in) w_in = (x - mean_f) w_in - (mean_in - mean_f) w_in: one more set of
+        # k weights per fold in the same pass 2, and a per-fold offset
+        offset = (mean_in - mean) @ w_in[0].T  # (K, k)
+        w = np.concatenate([w, np.broadcast_to(w_in, w.shape)], axis=1)
+
+    # pass 2: each fold's mask applied to its own patterns
     img = _pass_apply_folds(data, info, lab, w, mean, chunk_bytes)
-
-    masks = r.reshape((k_folds, -1, *info.det_shape))
-    img = img.reshape((-1, *info.scan_shape))
+    masks = r.reshape((k_folds, k, *info.det_shape))
+    if in_sample:
+        img_in = img[k:]
+        used = lab >= 0
+        img_in[:, used] -= offset[lab[used]].T
+        img = img[:k]
+        mask_in = r_in[0].reshape((k, *info.det_shape))
+        img_in = img_in.reshape((k, *info.scan_shape))
+    img = img.reshape((k, *info.scan_shape))
     if single:
-        return masks[:, 0], img[0]
-    return masks, img
-
-
-__all__ = ["crossfit_template_image"]
+        out = (masks[:, 0], img[0])
+        return out + (mask_in[0], img_in[0]) if in_sample else out
+    return (masks, img, mask_in, img_in) if in_sample else (masks, img)
