@@ -186,7 +186,8 @@ if _HAVE_NUMBA:
     def _fold_sums_numba(x, lab, t, shift, s1, s2, tp, cb):  # pragma: no cover - compiled
         # parallel over column blocks (each block's slices of the per-fold accumulators
         # belong to one thread); 4 consecutive rows of one fold share each accumulator
-        # load/store, 2 templates per sweep over the row buffer
+        # load/store; template 0 rides in the statistics sweep, the others go 2 per sweep over
+        # the row buffer
         r = x.shape[0]
         n = x.shape[1]
         k = t.shape[0]
@@ -213,6 +214,12 @@ if _HAVE_NUMBA:
                     xb = x[j + 1, c0:c1]
                     xc = x[j + 2, c0:c1]
                     xd = x[j + 3, c0:c1]
+                    # template 0 is fused into the statistics sweep (k >= 1 always)
+                    p0 = t[0, j]
+                    p1 = t[0, j + 1]
+                    p2 = t[0, j + 2]
+                    p3 = t[0, j + 3]
+                    lz = tp[f, 0, c0:c1]
                     for c in range(wd):
                         sc = sh[c]
                         va = np.float64(xa[c]) - sc
@@ -225,7 +232,8 @@ if _HAVE_NUMBA:
                         y3[c] = vd
                         a1[c] += (va + vb) + (vc + vd)
                         a2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
-                    i = 0
+                        lz[c] += (p0 * va + p1 * vb) + (p2 * vc + p3 * vd)
+                    i = 1
                     while i + 2 <= k:
                         p0 = t[i, j]
                         p1 = t[i, j + 1]
@@ -256,12 +264,15 @@ if _HAVE_NUMBA:
                     j += 4
                 else:
                     xa = x[j, c0:c1]
+                    p0 = t[0, j]
+                    lz = tp[f, 0, c0:c1]
                     for c in range(wd):
                         va = np.float64(xa[c]) - sh[c]
                         y0[c] = va
                         a1[c] += va
                         a2[c] += va * va
-                    for i in range(k):
+                        lz[c] += p0 * va
+                    for i in range(1, k):
                         p0 = t[i, j]
                         la = tp[f, i, c0:c1]
                         for c in range(wd):
