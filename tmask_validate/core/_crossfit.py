@@ -374,36 +374,35 @@ class _FoldSums:
         _fold_sums(x, lab_chunk, t_chunk, self.shift, self.s1, self.s2, self.tp)
 
 
-def _masks_and_weights(count, s1, s2, tp, shift, t_mean, t_std, valid, normalisation):
-    """Masks ``(S, k, n)``, apply weights ``(S, k, n)`` and column means ``(S, n)``.
+def _set_mask(count, s1, s2, tp, shift, t_mean, t_std, valid, normalisation):
+    """Mask ``(k, n)``, apply weights ``(k, n)`` and column means ``(n,)`` of one position set.
 
-    One entry per position set ``S`` (the out-of-fold sets, or the used set), from that set's
-    count ``(S,)``, ``Σy``, ``Σy²`` ``(S, n)``, ``Σ t⁰y`` ``(S, k, n)`` and template moments.
+    From the set's count, ``Σy``, ``Σy²`` ``(n,)``, ``Σ t⁰y`` ``(k, n)`` (``y = x - shift``)
+    and the template's mean and std ``(k,)`` over the set.
     """
-    n_set = count.astype(np.float64)
-    d1 = s1 / n_set[:, None]
-    var = s2 / n_set[:, None] - d1 * d1
+    n_set = float(count)
+    d1 = s1 / n_set
+    var = s2 / n_set - d1 * d1
     # a column constant over the set gives var == 0 exactly for integer data; float
     # rounding of (total - in-fold) is caught by a floor relative to the column's own scale
-    floor = 1e-13 * (s2 / n_set[:, None])
-    std = np.sqrt(np.where(var > floor, var, 0.0))
+    std = np.sqrt(np.where(var > 1e-13 * (s2 / n_set), var, 0.0))
     if valid is not None:
-        std = np.where(valid[None], std, 0.0)
-    mean = shift[None] + d1  # (S, n)
+        std = np.where(valid, std, 0.0)
+    mean = shift + d1
     good = std > 0
-    # numerator Σ (t - t̄)(y - ȳ) = Σ t y - t̄ Σ y  (per set, per template)
-    num = tp - t_mean[:, :, None] * s1[:, None, :]
-    den = n_set[:, None, None] * t_std[:, :, None] * np.where(good, std, 1.0)[:, None, :]
-    r = np.where(good[:, None, :], num / den, 0.0)
+    # numerator Σ (t - t̄)(y - ȳ) = Σ t y - t̄ Σ y, per template
+    num = tp - t_mean[:, None] * s1[None]
+    r = np.where(good[None], num / (n_set * t_std[:, None] * np.where(good, std, 1.0)[None]),
+                 0.0)
     np.clip(r, -1.0, 1.0, out=r)
     scale = np.zeros_like(std)
     if normalisation == "mean":
         good_m = good & (mean != 0)
-        r = np.where(good_m[:, None, :], r / np.where(good_m, mean, 1.0)[:, None, :], 0.0)
+        r = np.where(good_m[None], r / np.where(good_m, mean, 1.0)[None], 0.0)
         scale[good_m] = 1.0 / (std[good_m] * mean[good_m])
     else:
         scale[good] = 1.0 / std[good]
-    return r, r * scale[:, None, :], mean
+    return r, r * scale[None], mean
 
 
 def _pass_apply_folds(data: Any, info: DataInfo, lab: np.ndarray, w: np.ndarray,
@@ -447,8 +446,9 @@ def crossfit_template_image(
     ``σ`` are population stds (ddof=0).  Pass 1 accumulates per-fold counts, ``Σ x``,
     ``Σ x²`` and ``Σ t x`` (float64, shifted by one pattern); each out-of-fold sum is the
     total minus the fold's own.  Pass 2 applies each fold's mask to its own patterns.  Two
-    passes whatever the number of folds ``K``; extra memory ``≈ 2 K (k + 1) n`` float64
-    (``n = ky*kx``; K = 64, k = 16, 128 x 128 pixels: 0.3 GB) plus a float64 copy of one chunk.
+    passes whatever the number of folds ``K``; extra memory ``≈ 3 K k n`` float64 (per-fold
+    sums, masks, weights; ``n = ky*kx``; K = 64, k = 16, 128 x 128 pixels: 0.4 GB), plus
+    ``K k n`` more with ``in_sample``; the numpy fallback also copies one chunk as float64.
 
     Parameters
     ----------
@@ -514,18 +514,23 @@ def crossfit_template_image(
         sums.add_chunk(x, lab[r0:r1], t0[:, r0:r1])
     check_finite_result(sums.s1, sums.s2, sums.tp)
     tot = (sums.count.sum(), sums.s1.sum(axis=0), sums.s2.sum(axis=0), sums.tp.sum(axis=0))
-    r, w, mean = _masks_and_weights(
-        tot[0] - sums.count, tot[1] - sums.s1, tot[2] - sums.s2, tot[3] - sums.tp,
-        sums.shift, t_mean, t_std, val, normalisation)
+    nw = 2 * k if in_sample else k
+    r = np.empty((k_folds, k, info.n))
+    w = np.empty((k_folds, nw, info.n))
+    mean = np.empty((k_folds, info.n))
+    for f in range(k_folds):  # one fold at a time: no K x k x n temporaries
+        r[f], w[f, :k], mean[f] = _set_mask(
+            tot[0] - sums.count[f], tot[1] - sums.s1[f], tot[2] - sums.s2[f],
+            tot[3] - sums.tp[f], sums.shift, t_mean[f], t_std[f], val, normalisation)
     if in_sample:
         tu = t0[:, lab >= 0]
-        r_in, w_in, mean_in = _masks_and_weights(
-            np.array([tot[0]]), tot[1][None], tot[2][None], tot[3][None], sums.shift,
-            tu.mean(axis=1)[None], tu.std(axis=1)[None], val, normalisation)
-        # (x - mean_in) w_in = (x - mean_f) w_in - (mean_in - mean_f) w_in: one more set of
-        # k weights per fold in the same pass 2, and a per-fold offset
-        offset = (mean_in - mean) @ w_in[0].T  # (K, k)
-        w = np.concatenate([w, np.broadcast_to(w_in, w.shape)], axis=1)
+        mask_in, w_in, mean_in = _set_mask(*tot, sums.shift, tu.mean(axis=1), tu.std(axis=1),
+                                           val, normalisation)
+        # (x - mean_in) w_in = (x - mean_f) w_in - (mean_in - mean_f) w_in: k more weights
+        # per fold in the same pass 2, and a per-fold offset
+        offset = (mean_in[None] - mean) @ w_in.T  # (K, k)
+        w[:, k:] = w_in[None]
+    del sums, tot
 
     # pass 2: each fold's mask applied to its own patterns
     img = _pass_apply_folds(data, info, lab, w, mean, chunk_bytes)
@@ -535,7 +540,7 @@ def crossfit_template_image(
         used = lab >= 0
         img_in[:, used] -= offset[lab[used]].T
         img = img[:k]
-        mask_in = r_in[0].reshape((k, *info.det_shape))
+        mask_in = mask_in.reshape((k, *info.det_shape))
         img_in = img_in.reshape((k, *info.scan_shape))
     img = img.reshape((k, *info.scan_shape))
     if single:
