@@ -273,3 +273,31 @@ def test_occupancy_series_orders_contrast(crossfit):
         t.loc[0.5, "contrast_absent"]
     assert t.loc[1.0, "evidence_z"] > 3 and t.loc[0.5, "evidence_z"] > 3
     assert t.loc[1.0, "contrast_absent"] == pytest.approx(t.loc[0.5, "contrast_absent"])
+
+
+# ----------------------------------------------------------------------------- workflow wiring
+@pytest.mark.parametrize("config", ["smoke", "default"])
+def test_evidence_jobs_in_the_dag(config, tmp_path):
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from tmask_validate.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cli = shutil.which("tmask-validate") or str(Path(__file__).parents[1] / ".venv" / "bin" /
+                                                "tmask-validate")
+    res = subprocess.run([cli, "workflow", "--config", str(root / "config" / f"{config}.yaml"),
+                          "--directory", str(tmp_path), "--cores", "2", "-n"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)\s*$", res.stdout.split("Job stats:", 1)[1],
+                             re.M))
+    cfg = load_config(root / "config" / f"{config}.yaml")
+    n_var = sum(len(evidence.variants_from_config(cfg, s)) for s in cfg["evidence"]["structures"])
+    assert int(counts["simulate_variant"]) == n_var * cfg["evidence"]["phonon_configurations"]
+    assert int(counts["evidence"]) == len(cfg["evidence"]["structures"])
+    assert int(counts["evidence_table"]) == 1
+    # claims and report wait for the evidence table
+    assert "species_evidence.csv" in res.stdout.split("rule claims:", 1)[1].split("rule", 1)[0]

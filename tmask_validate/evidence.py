@@ -749,3 +749,169 @@ def order_columns(table: pd.DataFrame) -> pd.DataFrame:
 def describe_options(opts: Mapping[str, Any]) -> str:
     """One line describing the evidence settings (for logs and the README)."""
     return ", ".join(f"{k}={v}" for k, v in opts.items())
+
+
+# ----------------------------------------------------------------------------- config helpers
+#: name of the variant with nothing removed (the crystal, occupancy 1)
+CRYSTAL = "crystal"
+
+
+def variant_name(species: str, occupancy: float) -> str:
+    """Path-safe variant key, e.g. ``("Li", 0) -> "Li-x0"``, ``("Ti+O", 0.5) -> "Ti+O-x0.5"``."""
+    return f"{species}-x{float(occupancy):g}"
+
+
+def variants_from_config(cfg: Mapping[str, Any], structure: str) -> dict[str, dict[str, Any]]:
+    """The structure variants the evidence of ``structure`` needs, keyed by variant name.
+
+    Each value holds ``name``, ``species`` (None for the crystal), ``occupancy``,
+    ``thicknesses_nm``, ``seed`` (of the occupancy choice), ``mode`` and ``scan_cells``: what
+    :func:`tmask_validate.simulate.simulate_structure` takes as ``variant``.
+    """
+    import zlib
+
+    ev = cfg.get("evidence", {}) or {}
+    ent = (ev.get("structures") or {}).get(structure)
+    if ent is None:
+        raise ValueError(f"structure {structure!r} has no evidence entry")
+    base = {"thicknesses_nm": [float(t) for t in ent["thicknesses_nm"]],
+            "scan_cells": [int(v) for v in ent.get("scan_cells", [1, 1])]}
+    occ = ent.get("occupancy") or {}
+    out = {CRYSTAL: dict(base, name=CRYSTAL, species=None, occupancy=1.0, seed=0,
+                         mode="depth")}
+    for sp in ent["species"]:
+        values = [0.0] + ([float(v) for v in occ["values"]] if occ.get("species") == sp else [])
+        for v in values:
+            name = variant_name(sp, v)
+            seed = int(ev.get("seed", 0)) * 1_000_003 + zlib.crc32(f"{structure}/{name}".encode())
+            out[name] = dict(base, name=name, species=sp, occupancy=v, seed=seed % 2**32,
+                             mode=occ.get("mode", "depth"))
+    return out
+
+
+def comparisons_from_config(cfg: Mapping[str, Any], structure: str) -> list[Comparison]:
+    """Evidence comparisons of a structure: each species in the crystal and at each occupancy,
+    against its removed (x = 0) variant."""
+    out = []
+    for name, v in variants_from_config(cfg, structure).items():
+        if v["species"] is None or v["occupancy"] == 0.0:
+            continue
+        out.append(Comparison(v["species"], name, variant_name(v["species"], 0.0),
+                              v["occupancy"]))
+    ent = cfg["evidence"]["structures"][structure]
+    crystal = [Comparison(sp, CRYSTAL, variant_name(sp, 0.0), 1.0) for sp in ent["species"]]
+    return crystal + out
+
+
+def check_evidence_config(cfg: Mapping[str, Any]) -> None:
+    """Checks of the ``evidence`` section a JSON schema cannot express (raises ValueError)."""
+    ev = cfg.get("evidence", {}) or {}
+    known = cfg.get("structures", {}) or {}
+    cells = [int(v) for v in ev.get("cells", [4, 4])]
+    n_ph = int(ev.get("phonon_configurations", 1))
+    n_main = int(cfg.get("simulation", {}).get("phonons", {}).get("configurations", 1))
+    if ev.get("structures") and n_ph > n_main:
+        raise ValueError(f"evidence.phonon_configurations: {n_ph} exceeds "
+                         f"simulation.phonons.configurations {n_main} (same seeds are used)")
+    for name, ent in (ev.get("structures") or {}).items():
+        where = f"evidence.structures.{name}"
+        if name not in known:
+            raise ValueError(f"{where}: no such structure in the structures section "
+                             f"(have {sorted(known)})")
+        if known[name].get("scan", {}).get("region", "cell") != "cell":
+            raise ValueError(f"{where}: evidence needs a periodic one-cell scan entry "
+                             "(scan.region: cell)")
+        occ = ent.get("occupancy") or {}
+        if occ and occ["species"] not in ent["species"]:
+            raise ValueError(f"{where}.occupancy.species: {occ['species']!r} is not one of the "
+                             f"tested species {ent['species']}")
+        sc = [int(v) for v in ent.get("scan_cells", [1, 1])]
+        if sc != [1, 1] and sc != cells:
+            raise ValueError(f"{where}.scan_cells: {sc} must be [1, 1] or equal evidence.cells "
+                             f"{cells}")
+        if occ.get("mode") == "columns" and sc == [1, 1]:
+            raise ValueError(f"{where}.occupancy.mode: 'columns' varies occupancy from column "
+                             "to column, which a tiled one-cell scan cannot show; set scan_cells")
+
+
+def bin_detector(data: np.ndarray, b: int) -> np.ndarray:
+    """Sum ``b x b`` detector pixels of ``(..., ky, kx)`` data (edges that do not fill a bin are
+    dropped). A sum of Poisson counts is Poisson, so binning noiseless intensities before the
+    noise draw is exact."""
+    b = int(b)
+    a = np.asarray(data)
+    if b == 1:
+        return a
+    if b < 1:
+        raise ValueError(f"binning must be >= 1, got {b}")
+    ky, kx = (a.shape[-2] // b) * b, (a.shape[-1] // b) * b
+    a = a[..., :ky, :kx]
+    return a.reshape(*a.shape[:-2], ky // b, b, kx // b, b).sum(axis=(-3, -1))
+
+
+def evaluate_structure(
+    variants: Mapping[str, Sequence[Mapping[float, np.ndarray]]],
+    thicknesses_nm: Sequence[float],
+    sites: pd.DataFrame,
+    step_A: Sequence[float],
+    comparisons: Sequence[Comparison],
+    options: Mapping[str, Any],
+    *,
+    structure: str,
+    kinds: Sequence[str],
+    scan_cells: Sequence[int] = (1, 1),
+    progress=None,
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """:func:`evaluate_evidence` for every thickness of a structure's evidence series.
+
+    Parameters
+    ----------
+    variants : mapping variant -> list (one per phonon configuration) of
+        ``{thickness_nm: ndarray (sy, sx, ky, kx)}`` noiseless intensities.
+    thicknesses_nm : the series (keys of the inner mappings)
+    sites : one-cell site table; step_A : probe step (y, x) [Å]
+    comparisons : what to test; options : the ``evidence`` config section (defaults filled)
+    structure : name written into the table; kinds : template kinds
+    scan_cells : cells covered by the simulated scan ([1, 1]: tiled one-cell scan)
+
+    Returns
+    -------
+    table (with ``structure`` and ``thickness_nm``), images keyed ``"<thickness>/<...>"``.
+    """
+    b = int(options.get("detector_binning", 1))
+    say = progress or (lambda _m: None)
+    tables = []
+    images: dict[str, np.ndarray] = {}
+    for ti, t in enumerate(thicknesses_nm):
+        arrs = {v: [bin_detector(np.asarray(cfg_[t]), b) for cfg_ in cfgs]
+                for v, cfgs in variants.items()}
+        ref = arrs.get(CRYSTAL, next(iter(arrs.values())))[0]
+        sy, sx = ref.shape[:2]
+        cy, cx = (int(v) for v in scan_cells)
+        cell_shape = (sy // cy, sx // cx)
+        geom = evidence_geometry(cell_shape, options["cells"], step_A)
+        mean = np.mean(ref, axis=(0, 1))
+        valid = mean > float(options.get("min_relative_mean", 1e-9)) * mean.max()
+        tab, imgs = evaluate_evidence(
+            arrs, sites, geom, comparisons, doses_e_per_A2=options["doses_e_per_A2"],
+            kinds=kinds, sigma_A=float(options["gaussian_sigma_A"]),
+            site_radius_A=float(options["site_radius_A"]),
+            n_null=int(options["null_templates"]),
+            min_distance_A=float(options["null_min_distance_A"]),
+            repeats=int(options["repeats"]), z_min=float(options["z_min"]),
+            p_max=float(options["p_max"]), seed=int(options.get("seed", 0)),
+            thickness_index=ti, valid=valid, keep_images=bool(options.get("keep_images")),
+            progress=lambda m, _t=t, _say=say: _say(f"{structure} {_t:g} nm: {m}"))
+        tab.insert(0, "thickness_nm", float(t))
+        tab.insert(0, "structure", structure)
+        tables.append(tab)
+        images.update({f"{float(t):g}/{k}": v for k, v in imgs.items()})
+    return order_columns(pd.concat(tables, ignore_index=True)), images
+
+
+def evidence_geometry(cell_shape: Sequence[int], cells: Sequence[int],
+                      step_A: Sequence[float]) -> FieldGeometry:
+    """:class:`FieldGeometry` from config values (cells as in ``evidence.cells``)."""
+    return FieldGeometry(cell_shape=tuple(int(v) for v in cell_shape),
+                         cells=tuple(int(v) for v in cells),
+                         step_A=tuple(float(v) for v in step_A))

@@ -6,6 +6,7 @@ rule claims:
     input:
         metrics=R / "metrics" / "metrics.csv",
         similarity=R / "metrics" / "mask_similarity.csv",
+        evidence=T.species_evidence_table(CFG, R),
     output:
         R / "claims.csv",
     params:

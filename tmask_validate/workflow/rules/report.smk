@@ -7,6 +7,7 @@ rule report:
         figures=R / "figures" / "figures.json",
         claims=R / "claims.csv",
         metrics=R / "metrics" / "metrics.csv",
+        evidence=T.species_evidence_table(CFG, R),
         experiments=expand(str(R / "experiments" / "{experiment}.png"),
                            experiment=T.experiments(CFG)),
     output:
