@@ -178,3 +178,14 @@ def test_claims_cli_reads_evidence(tmp_path, capsys):
     claims = pd.read_csv(out)
     assert {"Li_detected", "O_detected"} <= set(claims.claim_id)
     assert "Li_detected" in capsys.readouterr().out
+
+
+def test_control_of_a_dark_target_is_not_applicable():
+    """Target not bright (CNR <= 0): the claim fails on its own, the control ratio is moot."""
+    met = _lfp(cnr={"Li": -0.5, "Fe": 20.0, "P+O": 15.0, "O": 4.0}, shift_li=0.3)
+    claims = evaluate_claims(met, config=CFG)
+    li = _claim(claims, "Li_specific")
+    assert li.status == "pass"  # specificity 0.9, target_bright 1 by construction of _lfp
+    assert "not applicable" in li.detail
+    ctl = _claim(claims, "controls_not_specific")
+    assert np.isfinite(ctl.measured) and "binary Li" in ctl.detail

@@ -147,12 +147,11 @@ def _own_control(d: pd.DataFrame, label: str, *, tag: str, held_out: bool = Fals
         val = _get(d, cname, metric, "fake")
         if val is None:
             continue
-        if ref is None:
-            parts.append(f"{cname} {val:.3g} / {true_name}: absent")
-            ratios.append(np.inf)
-            continue
-        r = val / ref if ref > 0 else np.inf
-        ratios.append(r)
+        if ref is None or ref <= 0:
+            # the target itself is not bright (or absent): a ratio to it means nothing
+            return None, (f"{true_name} {metric} " + ("absent" if ref is None else f"{ref:.3g}")
+                          + ": target not bright, control not applicable")
+        ratios.append(val / ref)
         parts.append(f"{cname} {val:.3g} / {true_name} {ref:.3g}")
     if not ratios:
         return None, ""
@@ -164,7 +163,7 @@ def _with_control(row: dict, d: pd.DataFrame, label: str, *, tag: str, ratio_max
     """Mark ``row`` uninformative when the claim's own control fails (ratio > ratio_max)."""
     ratio, detail = _own_control(d, label, tag=tag, held_out=held_out)
     if ratio is None:
-        row["detail"] += "; no control in the data"
+        row["detail"] += "; " + (detail or "no control in the data")
         return row
     row["detail"] += f"; own control ratio {ratio:.3g} (max {ratio_max:g}): {detail}"
     if ratio > ratio_max and row["status"] != "uninformative":
@@ -187,16 +186,22 @@ def _control_rows(d: pd.DataFrame, key, ratio_max: float, labels, tags) -> list[
                  "template_pcc / that of the control's own target (same kind)")):
             if cid_m is None:
                 continue
-            worst, worst_txt = -np.inf, ""
+            worst, worst_txt, moot = -np.inf, "", []
             for tag in tags:
                 for lab in labels:
                     r, txt = _own_control(d, lab, tag=tag, held_out=held_out, metric=metric)
+                    if r is None and txt:
+                        moot.append(f"{tag} {lab}")
                     if r is not None and r > worst:
                         worst, worst_txt = r, f"worst {tag} {lab}: {txt}"
-            if not np.isfinite(worst) and worst == -np.inf:
+            note = f"; not applicable (target not bright): {', '.join(moot)}" if moot else ""
+            if worst == -np.inf:
+                if moot:
+                    rows.append(_row(cid_m, claim, key, None, "<=", ratio_max, False,
+                                     note[2:], informative=False, role="check"))
                 continue
             rows.append(_row(cid_m, claim, key, worst, "<=", ratio_max, worst <= ratio_max,
-                             worst_txt, role="check"))
+                             worst_txt + note, role="check"))
     return rows
 
 
