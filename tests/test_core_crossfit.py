@@ -288,8 +288,14 @@ def test_crossfit_bad_input():
         cf(data, t, folds > 0)
     with pytest.raises(ValueError, match="every label is negative"):
         cf(data, t, np.full(TINY_SHAPE[:2], -1))
+    huge = folds.copy()
+    huge[folds == 2] = 10**12  # no bincount of 10**12 bins: one clear line
+    with pytest.raises(ValueError, match=r"999999999998 fold label\(s\) below K = "
+                       r"1000000000001 have no probe position \(2, 3, 4, .*11, \.\.\.\)"):
+        cf(data, t, huge)
     gap = np.where(folds == 1, 2, folds)  # labels 0 and 2 only
-    with pytest.raises(ValueError, match=r"fold label\(s\) \[1\] have no probe position"):
+    with pytest.raises(ValueError,
+                       match=r"1 fold label\(s\) below K = 3 have no probe position \(1\)"):
         cf(data, t, gap)
     # integral floats are accepted and equal the int result
     np.testing.assert_array_equal(cf(data, t, folds.astype(float))[1], cf(data, t, folds)[1])

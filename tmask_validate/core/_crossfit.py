@@ -21,7 +21,7 @@ change under an affine map of ``t``) gives every fold's mask; a second pass appl
 fold's mask to its own patterns.  Two passes whatever the number of folds ``K``.
 
 Chunk kernels: compiled numba ones (read uint16/float32/float64 chunks in place; pass 1
-parallel over column blocks with per-fold accumulator slices, pass 2 parallel over rows)
+parallel over column blocks with per-fold accumulator slices, pass 2 over row pairs)
 and a numpy fallback (float64 BLAS per fold group of a chunk); float64 accumulation
 throughout.  Self-contained on purpose (only the input checks and the row streaming are
 shared with :mod:`._pcc` / :mod:`._stream`).
@@ -81,19 +81,21 @@ def _check_folds(folds: Any, info: DataInfo) -> tuple[np.ndarray, int]:
     used = lab >= 0
     if not used.any():
         raise ValueError("folds: every label is negative, no probe position is used")
-    k_folds = int(lab.max()) + 1
-    counts = np.bincount(lab[used], minlength=k_folds)
-    if k_folds < 2 or np.count_nonzero(counts) < 2:
-        only = int(np.flatnonzero(counts)[0])
+    present = np.unique(lab[used])
+    k_folds = int(present[-1]) + 1
+    if present.size < 2:
         raise ValueError(
-            f"fold {only} holds every used probe position: no out-of-fold data to fit its "
-            "mask (cross-fitting needs K >= 2 non-empty folds)"
+            f"fold {int(present[0])} holds every used probe position: no out-of-fold data to "
+            "fit its mask (cross-fitting needs K >= 2 non-empty folds)"
         )
-    empty = np.flatnonzero(counts == 0)
-    if empty.size:
+    if present.size != k_folds:
+        # the first few missing labels (among the first |present| + 11 integers)
+        empty = np.setdiff1d(np.arange(min(k_folds, present.size + 11)), present)
+        missing = k_folds - present.size
+        shown = ", ".join(str(int(e)) for e in empty[:10]) + (", ..." if missing > 10 else "")
         raise ValueError(
-            f"fold label(s) {empty.tolist()} have no probe position: labels must be "
-            f"0..K-1 with every fold non-empty (K = {k_folds})"
+            f"{missing} fold label(s) below K = {k_folds} have no probe position ({shown}): "
+            "labels must be 0..K-1 with every fold non-empty"
         )
     return lab, k_folds
 
