@@ -461,6 +461,11 @@ def _structure_setup(config: Mapping[str, Any], structure: str,
     entry = config["structures"][structure]
     if variant is not None:
         entry = dict(entry, thicknesses_nm=list(variant["thicknesses_nm"]))
+        cells = [int(v) for v in variant.get("scan_cells", (1, 1))]
+        if cells != [1, 1]:
+            # a real multi-cell scan: the periodic slab must hold whole copies of it
+            entry["repeats"] = [-(-int(r) // c) * c
+                                for r, c in zip(entry.get("repeats", (1, 1)), cells, strict=True)]
     opts = dict(entry.get("builder_options") or {})
     unit = st.build(entry["builder"], thickness_nm=None, repeats=(1, 1), **opts)
     cell_A = st.projected_cell_A(unit)
@@ -481,11 +486,8 @@ def _structure_setup(config: Mapping[str, Any], structure: str,
     if variant is not None:
         cy, cx = (int(v) for v in variant.get("scan_cells", (1, 1)))
         if (cy, cx) != (1, 1):
-            ry, rx = (int(v) for v in entry.get("repeats", (1, 1)))
-            if not scan["periodic"] or ry % cy or rx % cx:
-                raise ValueError(
-                    f"evidence scan_cells {[cy, cx]} needs a one-cell scan entry and repeats "
-                    f"{[ry, rx]} that are multiples of it")
+            if not scan["periodic"]:
+                raise ValueError(f"evidence scan_cells {[cy, cx]} needs a one-cell scan entry")
             (ny, nx), (dy, dx) = scan["shape"], scan["step_A"]
             scan = dict(scan, shape=(ny * cy, nx * cx),
                         region_A=((0.0, (ny * cy - 1) * dy), (0.0, (nx * cx - 1) * dx)))

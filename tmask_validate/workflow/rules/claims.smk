@@ -12,6 +12,7 @@ rule claims:
     params:
         config=EFFECTIVE_CONFIG,
         depends=lambda w: T._dump(CFG["analysis"]["claims"]),
+        evidence=lambda w, input: f"--evidence {input.evidence}" if input.evidence else "",
     log:
         R / "logs" / "claims.log",
     threads: res("claims")["threads"]
@@ -20,4 +21,4 @@ rule claims:
         runtime=res("claims")["runtime"],
     shell:
         "tmask-validate claims --config {params.config} --metrics {input.metrics} "
-        "--similarity {input.similarity} --out {output} > {log} 2>&1"
+        "--similarity {input.similarity} {params.evidence} --out {output} > {log} 2>&1"
