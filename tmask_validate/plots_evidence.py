@@ -13,9 +13,12 @@ import pandas as pd
 def _scale_bar(ax, step_A: float, shape, length_A: float = 5.0) -> None:
     px = length_A / step_A
     y = shape[0] - 3
-    ax.plot([2, 2 + px], [y, y], color="white", lw=3, solid_capstyle="butt")
-    ax.text(2 + px / 2, y - 2, f"{length_A:g} Å", color="white", ha="center", va="bottom",
-            fontsize=7)
+    import matplotlib.patheffects as pe
+
+    halo = [pe.withStroke(linewidth=3, foreground="black")]
+    ax.plot([2, 2 + px], [y, y], color="white", lw=3, solid_capstyle="butt", path_effects=halo)
+    ax.text(2 + px / 2, y - 1.5, f"{length_A:g} Å", color="white", ha="center", va="bottom",
+            fontsize=7, path_effects=halo)
 
 
 def _pick_images(table: pd.DataFrame, images: Mapping[str, np.ndarray]):
@@ -44,15 +47,16 @@ def evidence_figure(table: pd.DataFrame, images: Mapping[str, np.ndarray], out: 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     row, imgs, step = _pick_images(table, images)
-    fig = plt.figure(figsize=(12, 7.2))
-    gs = fig.add_gridspec(2, 4, height_ratios=[1, 1.1], hspace=0.45, wspace=0.3)
+    fig = plt.figure(figsize=(12, 6.6))
+    gs = fig.add_gridspec(2, 4, height_ratios=[1, 1.15], hspace=0.35, wspace=0.35,
+                          left=0.06, right=0.97, top=0.9, bottom=0.08)
     titles = ["held-out (cross-fitted)\nspecies present", "in-sample imprint\nspecies present",
               "held-out (cross-fitted)\nspecies removed", "in-sample imprint\nspecies removed"]
     for i in range(4):
         ax = fig.add_subplot(gs[0, i])
         if imgs:
             im = imgs[i]
-            lo, hi = np.percentile(im, [1, 99])
+            lo, hi = np.percentile(im, [2, 98])
             h = ax.imshow(im, cmap="magma", vmin=lo, vmax=hi, interpolation="nearest")
             fig.colorbar(h, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
             if step:
