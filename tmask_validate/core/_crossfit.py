@@ -30,6 +30,7 @@ shared with :mod:`._pcc` / :mod:`._stream`).
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -420,6 +421,81 @@ def _pass_apply_folds(data: Any, info: DataInfo, lab: np.ndarray, w: np.ndarray,
     return np.ascontiguousarray(out.T)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Checked inputs of one cross-fit: shapes, labels, standardised templates and moments."""
+
+    info: DataInfo
+    single: bool
+    lab: np.ndarray  # (m,) int64, -1 = unused
+    k_folds: int
+    valid: np.ndarray | None
+    normalisation: str
+    t0: np.ndarray  # (k, m) standardised over the used positions
+    t_mean: np.ndarray  # (K, k) out-of-fold template means (of t0)
+    t_std: np.ndarray  # (K, k)
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """Masks and apply weights from the pass-1 sums."""
+
+    r: np.ndarray  # (K, k, n) masks
+    w: np.ndarray  # (K, k or 2k, n) weights applied in pass 2 (2k with the in-sample set)
+    mean: np.ndarray  # (K, n) out-of-fold column means subtracted in pass 2
+    mask_in: np.ndarray | None  # (k, n) in-sample mask
+    offset: np.ndarray | None  # (K, k) per-fold offset of the in-sample image
+
+
+def _prepare_crossfit(data, template, folds, normalisation, valid) -> _Plan:
+    info = check_data(data)
+    _check_normalisation(normalisation)
+    t, single = _check_templates(template, info)
+    lab, k_folds = _check_folds(folds, info)
+    val = _check_valid(valid, info)
+    t0 = _standardise_used(t, lab >= 0)
+    t_mean, t_std = _template_fold_moments(t0, lab, k_folds)
+    return _Plan(info, single, lab, k_folds, val, normalisation, t0, t_mean, t_std)
+
+
+def _fold_weights(plan: _Plan, count, s1, s2, tp, shift, in_sample: bool) -> _Weights:
+    """Per-fold masks and weights from the per-fold sums ``(K,)``, ``(K, n)``, ``(K, k, n)``."""
+    k, n = plan.t0.shape[0], plan.info.n
+    tot = (count.sum(), s1.sum(axis=0), s2.sum(axis=0), tp.sum(axis=0))
+    r = np.empty((plan.k_folds, k, n))
+    w = np.empty((plan.k_folds, 2 * k if in_sample else k, n))
+    mean = np.empty((plan.k_folds, n))
+    for f in range(plan.k_folds):  # one fold at a time: no K x k x n temporaries
+        r[f], w[f, :k], mean[f] = _set_mask(
+            tot[0] - count[f], tot[1] - s1[f], tot[2] - s2[f], tot[3] - tp[f], shift,
+            plan.t_mean[f], plan.t_std[f], plan.valid, plan.normalisation)
+    if not in_sample:
+        return _Weights(r, w, mean, None, None)
+    tu = plan.t0[:, plan.lab >= 0]
+    mask_in, w_in, mean_in = _set_mask(*tot, shift, tu.mean(axis=1), tu.std(axis=1),
+                                       plan.valid, plan.normalisation)
+    # (x - mean_in) w_in = (x - mean_f) w_in - (mean_in - mean_f) w_in: k more weights per
+    # fold in the same pass 2, and a per-fold offset
+    w[:, k:] = w_in[None]
+    return _Weights(r, w, mean, mask_in, (mean_in[None] - mean) @ w_in.T)
+
+
+def _finish(plan: _Plan, weights: _Weights, img: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Public return value from the pass-2 image rows ``(k or 2k, m)``."""
+    info, k = plan.info, plan.t0.shape[0]
+    masks = weights.r.reshape((plan.k_folds, k, *info.det_shape))
+    out = [masks, img[:k].reshape((k, *info.scan_shape))]
+    if weights.mask_in is not None:
+        img_in = img[k:]
+        used = plan.lab >= 0
+        img_in[:, used] -= weights.offset[plan.lab[used]].T
+        out += [weights.mask_in.reshape((k, *info.det_shape)),
+                img_in.reshape((k, *info.scan_shape))]
+    if plan.single:
+        out = [out[0][:, 0]] + [a[0] for a in out[1:]]
+    return tuple(out)
+
+
 # ----------------------------------------------------------------------------- public API
 def crossfit_template_image(
     data: Any,
@@ -500,52 +576,18 @@ def crossfit_template_image(
         over the out-of-fold positions of some fold; unknown normalisation; bad ``valid``;
         NaN/Inf in the template or (found during a pass) in the data.
     """
-    info = check_data(data)
-    _check_normalisation(normalisation)
-    t, single = _check_templates(template, info)
-    lab, k_folds = _check_folds(folds, info)
-    val = _check_valid(valid, info)
-    t0 = _standardise_used(t, lab >= 0)
-    t_mean, t_std = _template_fold_moments(t0, lab, k_folds)
-    k = t.shape[0]
+    plan = _prepare_crossfit(data, template, folds, normalisation, valid)
+    info, lab, k_folds, t0 = plan.info, plan.lab, plan.k_folds, plan.t0
 
     # pass 1: per-fold sums; out-of-fold sums = totals - in-fold
-    sums = _FoldSums(k_folds, k, info.n)
+    sums = _FoldSums(k_folds, t0.shape[0], info.n)
     for r0, x in iter_row_chunks(data, info, chunk_bytes):
         r1 = r0 + x.shape[0]
         sums.add_chunk(x, lab[r0:r1], t0[:, r0:r1])
     check_finite_result(sums.s1, sums.s2, sums.tp)
-    tot = (sums.count.sum(), sums.s1.sum(axis=0), sums.s2.sum(axis=0), sums.tp.sum(axis=0))
-    nw = 2 * k if in_sample else k
-    r = np.empty((k_folds, k, info.n))
-    w = np.empty((k_folds, nw, info.n))
-    mean = np.empty((k_folds, info.n))
-    for f in range(k_folds):  # one fold at a time: no K x k x n temporaries
-        r[f], w[f, :k], mean[f] = _set_mask(
-            tot[0] - sums.count[f], tot[1] - sums.s1[f], tot[2] - sums.s2[f],
-            tot[3] - sums.tp[f], sums.shift, t_mean[f], t_std[f], val, normalisation)
-    if in_sample:
-        tu = t0[:, lab >= 0]
-        mask_in, w_in, mean_in = _set_mask(*tot, sums.shift, tu.mean(axis=1), tu.std(axis=1),
-                                           val, normalisation)
-        # (x - mean_in) w_in = (x - mean_f) w_in - (mean_in - mean_f) w_in: k more weights
-        # per fold in the same pass 2, and a per-fold offset
-        offset = (mean_in[None] - mean) @ w_in.T  # (K, k)
-        w[:, k:] = w_in[None]
-    del sums, tot
+    weights = _fold_weights(plan, sums.count, sums.s1, sums.s2, sums.tp, sums.shift, in_sample)
+    del sums
 
     # pass 2: each fold's mask applied to its own patterns
-    img = _pass_apply_folds(data, info, lab, w, mean, chunk_bytes)
-    masks = r.reshape((k_folds, k, *info.det_shape))
-    if in_sample:
-        img_in = img[k:]
-        used = lab >= 0
-        img_in[:, used] -= offset[lab[used]].T
-        img = img[:k]
-        mask_in = mask_in.reshape((k, *info.det_shape))
-        img_in = img_in.reshape((k, *info.scan_shape))
-    img = img.reshape((k, *info.scan_shape))
-    if single:
-        out = (masks[:, 0], img[0])
-        return out + (mask_in[0], img_in[0]) if in_sample else out
-    return (masks, img, mask_in, img_in) if in_sample else (masks, img)
+    img = _pass_apply_folds(data, info, lab, weights.w, weights.mean, chunk_bytes)
+    return _finish(plan, weights, img)
