@@ -860,6 +860,7 @@ def evaluate_structure(
     structure: str,
     kinds: Sequence[str],
     scan_cells: Sequence[int] = (1, 1),
+    thickness_indices: Sequence[int] | None = None,
     progress=None,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """:func:`evaluate_evidence` for every thickness of a structure's evidence series.
@@ -873,6 +874,8 @@ def evaluate_structure(
     comparisons : what to test; options : the ``evidence`` config section (defaults filled)
     structure : name written into the table; kinds : template kinds
     scan_cells : cells covered by the simulated scan ([1, 1]: tiled one-cell scan)
+    thickness_indices : index of each thickness in the full series (selects its noise streams,
+        so a job per thickness gives the rows of a job for the whole series); default 0, 1, ...
 
     Returns
     -------
@@ -882,7 +885,11 @@ def evaluate_structure(
     say = progress or (lambda _m: None)
     tables = []
     images: dict[str, np.ndarray] = {}
-    for ti, t in enumerate(thicknesses_nm):
+    idx = list(range(len(thicknesses_nm))) if thickness_indices is None else \
+        [int(i) for i in thickness_indices]
+    if len(idx) != len(thicknesses_nm):
+        raise ValueError("thickness_indices must give one index per thickness")
+    for ti, t in zip(idx, thicknesses_nm, strict=True):
         arrs = {v: [bin_detector(np.asarray(cfg_[t]), b) for cfg_ in cfgs]
                 for v, cfgs in variants.items()}
         ref = arrs.get(CRYSTAL, next(iter(arrs.values())))[0]

@@ -72,8 +72,13 @@ def _evidence(args: argparse.Namespace) -> int:
     if ent is None:
         raise ValueError(f"structure {args.structure!r} has no evidence.structures entry")
     t0, c0 = time.perf_counter(), time.process_time()
-    thick = [float(t) for t in ent["thicknesses_nm"]]
+    series = [float(t) for t in ent["thicknesses_nm"]]
+    thick = series if not args.thickness_nm else [float(t) for t in args.thickness_nm]
+    bad = [t for t in thick if t not in series]
+    if bad:
+        raise ValueError(f"--thickness-nm {bad} not in evidence thicknesses {series}")
     variants, sites, step, realised = _load_variants(args.stores, thick)
+    realised = {k: dict(zip(series, v, strict=False)) for k, v in realised.items()}
     need = evidence.variants_from_config(cfg, args.structure)
     missing = sorted(set(need) - set(variants))
     if missing:
@@ -85,10 +90,11 @@ def _evidence(args: argparse.Namespace) -> int:
     table, images = evidence.evaluate_structure(
         variants, thick, sites, step, evidence.comparisons_from_config(cfg, args.structure), ev,
         structure=args.structure, kinds=ent["templates"], scan_cells=ent["scan_cells"],
+        thickness_indices=[series.index(t) for t in thick],
         progress=None if args.quiet else (lambda m: print(
             f"[{time.process_time() - c0:7.1f} s cpu] {m}", file=sys.stderr, flush=True)))
     # occupancy actually realised in the thinned variant at each thickness (whole periods)
-    occ = {(name, t): r for name, rr in realised.items() for t, r in zip(thick, rr, strict=False)}
+    occ = {(name, t): r for name, rr in realised.items() for t, r in rr.items()}
     table["occupancy_realised"] = [
         occ.get((p, t), o) for p, t, o in zip(table["present"], table["thickness_nm"],
                                               table["occupancy"], strict=True)]
@@ -97,7 +103,8 @@ def _evidence(args: argparse.Namespace) -> int:
     if args.images:
         out = Path(args.images)
         tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.npz")
-        images = dict(images, step_A=np.asarray(step, float))
+        images = dict(images, step_A=np.asarray(step, float),
+                      structure=np.asarray(args.structure))
         np.savez_compressed(tmp, **{k.replace("/", "|"): v for k, v in images.items()})
         tmp.replace(out)
     n_det = int(table["verdict"].eq("detected").sum())
@@ -121,8 +128,9 @@ def _table(args: argparse.Namespace) -> int:
         imgs = {}
         for p in args.images or []:
             with np.load(p) as z:
-                structure = Path(p).stem
-                imgs.update({f"{structure}/" + k.replace("|", "/"): z[k] for k in z.files})
+                structure = str(z["structure"]) if "structure" in z.files else Path(p).stem
+                imgs.update({f"{structure}/" + k.replace("|", "/"): z[k] for k in z.files
+                             if k != "structure"})
         plots_evidence.evidence_figure(table, imgs, args.figure)
     counts = table["verdict"].value_counts().to_dict()
     print(f"species evidence: {len(table)} rows {counts} -> {args.out}")
@@ -137,6 +145,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("stores", nargs="+", help="variant stores (simulate --variant), all configs")
     p.add_argument("--config", required=True, help="config YAML (evidence section)")
     p.add_argument("--structure", required=True, help="key of evidence.structures")
+    p.add_argument("--thickness-nm", type=float, action="append", default=None,
+                   help="only this thickness of the evidence series (repeatable)")
     p.add_argument("--out", required=True, help="output CSV")
     p.add_argument("--images", default=None, help="output .npz of repeat-0 images (figure)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -211,6 +211,18 @@ def variant_params(cfg: Mapping[str, Any], structure: str, variant: str) -> str:
                   "variant": variants_from_config(cfg, structure)[variant]})
 
 
+def evidence_thickness_values(cfg: Mapping[str, Any], structure: str) -> dict[str, float]:
+    """``{thickness key: thickness_nm}`` of a structure's evidence series."""
+    ent = cfg["evidence"]["structures"][structure]
+    return {thickness_key(t): float(t) for t in ent["thicknesses_nm"]}
+
+
+def evidence_jobs(cfg: Mapping[str, Any], results_dir: str | Path, ext: str) -> list[str]:
+    """Outputs ``evidence/<structure>/<thickness>.<ext>`` of every evidence job."""
+    return [str(Path(results_dir) / "evidence" / s / f"{t}.{ext}")
+            for s in evidence_structures(cfg) for t in evidence_thickness_values(cfg, s)]
+
+
 def evidence_params(cfg: Mapping[str, Any]) -> str:
     """The evidence section (what every evidence job depends on)."""
     return _dump(cfg.get("evidence", {}))

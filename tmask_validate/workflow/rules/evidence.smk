@@ -2,8 +2,8 @@
 # simulate_variant: one job per structure x variant (crystal, <species>-x0 = those columns emptied,
 # <species>-x<occ> = partial occupancy) x phonon configuration, all variants displaced from the
 # SAME full crystal (shared atoms keep their displacements) -> results/evidence/simulate/...
-# evidence: per structure, multi-cell noisy fields, held-out cells, random-site nulls ->
-# results/evidence/<structure>.csv; evidence_table: results/species_evidence.csv, the
+# evidence: per structure x thickness, multi-cell noisy fields, held-out cells, random-site nulls
+# -> results/evidence/<structure>/t<thickness>nm.csv; evidence_table: results/species_evidence.csv, the
 # detection-limit table and the evidence figure.
 
 
@@ -35,29 +35,30 @@ rule evidence:
     input:
         _variant_stores,
     output:
-        csv=R / "evidence" / "{structure}.csv",
-        images=R / "evidence" / "{structure}.npz",
+        csv=R / "evidence" / "{structure}" / "{thickness}.csv",
+        images=R / "evidence" / "{structure}" / "{thickness}.npz",
     params:
         config=EFFECTIVE_CONFIG,
         depends=lambda w: T.evidence_params(CFG),
         stores=lambda w, input: " ".join(f"'{p}'" for p in input),
+        thickness=lambda w: T.evidence_thickness_values(CFG, w.structure)[w.thickness],
     log:
-        R / "logs" / "evidence" / "{structure}.log",
+        R / "logs" / "evidence" / "{structure}" / "{thickness}.log",
     threads: res("evidence")["threads"]
     resources:
         mem_mb=res("evidence")["mem_mb"],
         runtime=res("evidence")["runtime"],
     shell:
         "tmask-validate evidence {params.stores} --config {params.config} "
-        "--structure {wildcards.structure} --out {output.csv} --images {output.images} "
+        "--structure {wildcards.structure} --thickness-nm {params.thickness} "
+        "--out {output.csv} --images {output.images} "
         "> {log} 2>&1"
 
 
 rule evidence_table:
     input:
-        csv=expand(str(R / "evidence" / "{structure}.csv"), structure=T.evidence_structures(CFG)),
-        images=expand(str(R / "evidence" / "{structure}.npz"),
-                      structure=T.evidence_structures(CFG)),
+        csv=T.evidence_jobs(CFG, R, "csv"),
+        images=T.evidence_jobs(CFG, R, "npz"),
     output:
         table=R / "species_evidence.csv",
         limits=R / "evidence" / "detection_limits.csv",
