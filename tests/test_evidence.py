@@ -302,3 +302,33 @@ def test_evidence_jobs_in_the_dag(config, tmp_path):
     assert int(counts["evidence_table"]) == 1
     # claims and report wait for the evidence table
     assert "species_evidence.csv" in res.stdout.split("rule claims:", 1)[1].split("rule", 1)[0]
+
+
+def test_bin_detector_against_naive():
+    rng = np.random.default_rng(2)
+    a = rng.random((2, 3, 7, 9))
+    got = evidence.bin_detector(a, 2)
+    want = np.zeros((2, 3, 3, 4))
+    for i in range(3):
+        for j in range(4):
+            want[..., i, j] = a[..., 2 * i:2 * i + 2, 2 * j:2 * j + 2].sum(axis=(-2, -1))
+    np.testing.assert_allclose(got, want)
+    assert evidence.bin_detector(a, 1) is a
+
+
+def test_noisy_field_is_independent_per_cell_with_the_right_mean():
+    geom = evidence.FieldGeometry(cell_shape=(3, 4), cells=(4, 5), step_A=(0.5, 0.5))
+    one = np.full((3, 4, 2, 2), 0.25, np.float32)
+    one[0, 0] = [[0.7, 0.1], [0.1, 0.1]]
+    f = evidence.noisy_field(one, geom, 400.0, seed=1, dose_e_per_A2=1600.0, stream=5)
+    assert f.shape == (12, 20, 2, 2) and f.dtype == np.uint32
+    cells = f.reshape(4, 3, 5, 4, 2, 2)
+    # every cell is its own draw ...
+    assert not np.array_equal(cells[0, :, 0], cells[0, :, 1])
+    assert not np.array_equal(cells[0, :, 0], cells[1, :, 0])
+    # ... of the tiled expectation
+    lam = 400 * one.astype(float)
+    assert np.all(np.abs(cells.mean(axis=(0, 2)) - lam) < 5 * np.sqrt(lam / 20))
+    again = evidence.noisy_field(one, geom, 400.0, seed=1, dose_e_per_A2=1600.0, stream=5)
+    other = evidence.noisy_field(one, geom, 400.0, seed=1, dose_e_per_A2=1600.0, stream=6)
+    assert np.array_equal(f, again) and not np.array_equal(f, other)
