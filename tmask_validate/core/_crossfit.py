@@ -343,6 +343,9 @@ if _HAVE_NUMBA:
 
 def _fold_sums(x, lab, t, shift, s1, s2, tp) -> None:
     if use_numba():
+        if t.shape[0] == 0:  # statistics only: the kernel needs one template (k >= 1)
+            t = np.zeros((1, x.shape[0]))
+            tp = np.zeros((s1.shape[0], 1, s1.shape[1]))
         with _LAUNCH_LOCK:
             _fold_sums_numba(x, lab, np.ascontiguousarray(t), shift, s1, s2, tp, _COL_BLOCK)
     else:
@@ -377,11 +380,11 @@ class _FoldSums:
         _fold_sums(x, lab_chunk, t_chunk, self.shift, self.s1, self.s2, self.tp)
 
 
-def _set_mask(count, s1, s2, tp, shift, t_mean, t_std, valid, normalisation):
-    """Mask ``(k, n)``, apply weights ``(k, n)`` and column means ``(n,)`` of one position set.
+def _set_stats(count, s1, s2, shift, valid, normalisation):
+    """Column means, stds and normalisation scales ``(n,)`` of one position set.
 
-    From the set's count, ``Σy``, ``Σy²`` ``(n,)``, ``Σ t⁰y`` ``(k, n)`` (``y = x - shift``)
-    and the template's mean and std ``(k,)`` over the set.
+    ``scale`` is ``1/σ`` (``1/(σ·mean)`` for ``"mean"``) on usable columns and 0 on
+    zero-variance (zero-mean) columns and outside ``valid``.
     """
     n_set = float(count)
     d1 = s1 / n_set
@@ -392,19 +395,32 @@ def _set_mask(count, s1, s2, tp, shift, t_mean, t_std, valid, normalisation):
     if valid is not None:
         std = np.where(valid, std, 0.0)
     mean = shift + d1
+    scale = np.zeros_like(std)
+    good = std > 0
+    if normalisation == "mean":
+        good &= mean != 0
+        scale[good] = 1.0 / (std[good] * mean[good])
+    else:
+        scale[good] = 1.0 / std[good]
+    return mean, std, scale
+
+
+def _set_mask(count, s1, s2, tp, shift, t_mean, t_std, valid, normalisation):
+    """Mask ``(k, n)``, apply weights ``(k, n)`` and column means ``(n,)`` of one position set.
+
+    From the set's count, ``Σy``, ``Σy²`` ``(n,)``, ``Σ t⁰y`` ``(k, n)`` (``y = x - shift``)
+    and the template's mean and std ``(k,)`` over the set.
+    """
+    mean, std, scale = _set_stats(count, s1, s2, shift, valid, normalisation)
     good = std > 0
     # numerator Σ (t - t̄)(y - ȳ) = Σ t y - t̄ Σ y, per template
     num = tp - t_mean[:, None] * s1[None]
-    r = np.where(good[None], num / (n_set * t_std[:, None] * np.where(good, std, 1.0)[None]),
-                 0.0)
+    r = np.where(good[None],
+                 num / (float(count) * t_std[:, None] * np.where(good, std, 1.0)[None]), 0.0)
     np.clip(r, -1.0, 1.0, out=r)
-    scale = np.zeros_like(std)
     if normalisation == "mean":
         good_m = good & (mean != 0)
         r = np.where(good_m[None], r / np.where(good_m, mean, 1.0)[None], 0.0)
-        scale[good_m] = 1.0 / (std[good_m] * mean[good_m])
-    else:
-        scale[good] = 1.0 / std[good]
     return r, r * scale[None], mean
 
 
@@ -591,3 +607,88 @@ def crossfit_template_image(
     # pass 2: each fold's mask applied to its own patterns
     img = _pass_apply_folds(data, info, lab, weights.w, weights.mean, chunk_bytes)
     return _finish(plan, weights, img)
+
+
+def crossfit_apply_masks(
+    data: Any,
+    masks: Any,
+    folds: Any,
+    *,
+    normalisation: str = "pcc",
+    valid: Any = None,
+    chunk_bytes: int | None = None,
+) -> np.ndarray:
+    """Apply per-fold masks fitted elsewhere with out-of-fold normalisation, in two passes.
+
+    The held-out application step of :func:`crossfit_template_image` on its own: the image
+    at fold ``f``'s positions is ``s_j = Σ_c (x_jc - x̄_c) / σ_c · mask_f,c`` (÷ ``x̄_c`` too
+    for ``"mean"``) with ``x̄``, ``σ`` (population) taken over the used positions NOT in ``f``
+    of ``data``.  Use it to apply masks fitted on one dataset (e.g. species present) to
+    another (species removed) exactly as the cross-fitted image treats its own data.
+    Pass 1: per-fold column sums; pass 2: apply.
+
+    Parameters
+    ----------
+    data : array-like
+        4D data ``[scan_y, scan_x, ky, kx]`` (as :func:`crossfit_template_image`).
+    masks : array-like
+        ``(K, ky, kx)`` or ``(K, k, ky, kx)``: one mask (stack) per fold, e.g. the ``masks``
+        returned by :func:`crossfit_template_image`.
+    folds : int array (scan_y, scan_x)
+        Labels ``0..K-1`` (``K`` = ``masks.shape[0]``), negative = unused (NaN in the image).
+    normalisation : {"pcc", "mean"}
+        Column normalisation (Eq. 4 or Eq. 8).
+    valid : bool array (ky, kx), optional
+        Detector pixels to use; the others contribute nothing.
+    chunk_bytes : int, optional
+        Byte budget of one row chunk.
+
+    Returns
+    -------
+    ndarray
+        ``(scan_y, scan_x)`` or ``(k, scan_y, scan_x)`` float64; NaN at unused positions.
+        Zero-variance (zero-mean for ``"mean"``) columns over a fold's complement contribute
+        nothing to that fold.
+    """
+    info = check_data(data)
+    _check_normalisation(normalisation)
+    lab, k_folds = _check_folds(folds, info)
+    val = _check_valid(valid, info)
+    mk = np.asarray(masks)
+    if mk.dtype.kind not in "uifb":
+        raise TypeError(f"masks must be real-valued, got dtype {mk.dtype}")
+    single = mk.ndim == 3
+    if single:
+        mk = mk[:, None]
+    if mk.ndim != 4 or mk.shape[2:] != info.det_shape or mk.shape[1] == 0:
+        raise ValueError(
+            f"masks shape {np.shape(masks)} must be (K, ky, kx) or (K, k, ky, kx) with the "
+            f"detector shape {info.det_shape}"
+        )
+    if mk.shape[0] != k_folds:
+        raise ValueError(
+            f"{mk.shape[0]} fold masks given but folds has K = {k_folds} folds (labels 0..K-1)"
+        )
+    mk = mk.astype(np.float64).reshape(k_folds, mk.shape[1], info.n)
+    if not np.all(np.isfinite(mk)):
+        raise ValueError("masks contain NaN or Inf")
+
+    sums = _FoldSums(k_folds, 0, info.n)
+    empty_t = np.zeros((0, info.m))
+    for r0, x in iter_row_chunks(data, info, chunk_bytes):
+        r1 = r0 + x.shape[0]
+        sums.add_chunk(x, lab[r0:r1], empty_t[:, r0:r1])
+    check_finite_result(sums.s1, sums.s2)
+    tot = (sums.count.sum(), sums.s1.sum(axis=0), sums.s2.sum(axis=0))
+    w = np.empty_like(mk)
+    mean = np.empty((k_folds, info.n))
+    for f in range(k_folds):
+        mean[f], _, scale = _set_stats(tot[0] - sums.count[f], tot[1] - sums.s1[f],
+                                       tot[2] - sums.s2[f], sums.shift, val, normalisation)
+        w[f] = mk[f] * scale[None]
+    img = _pass_apply_folds(data, info, lab, w, mean, chunk_bytes).reshape(
+        (-1, *info.scan_shape))
+    return img[0] if single else img
+
+
+__all__ = ["crossfit_apply_masks", "crossfit_template_image"]
