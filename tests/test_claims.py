@@ -22,10 +22,12 @@ CFG = {"structures": {"LFP": {"builder": "LiFePO4"}, "PTO": {"builder": "PbTiO3"
 LABELS = ["Li", "Fe", "P+O", "O"]
 
 
-def _rows(name, family, target, metric, values, kind="binary", sigma=0.0):
+def _rows(name, family, target, metric, values, kind="binary", sigma=0.0, control="",
+          control_of=""):
     return [{"name": name, "family": family, "target": target, "normalisation": "pcc",
              "template_kind": kind, "sigma_A": sigma, "region": "full", "metric": metric,
-             "species": sp, "value": v} for sp, v in values.items()]
+             "species": sp, "value": v, "control": control, "control_of": control_of}
+            for sp, v in values.items()]
 
 
 def _lfp(spec=None, spec_med=None, cnr=None, shift_li=0.2, random=0.1, thick=70.0,
@@ -44,8 +46,10 @@ def _lfp(spec=None, spec_med=None, cnr=None, shift_li=0.2, random=0.1, thick=70.
         if lab in spec:
             rows += _rows(n, "template", lab, "specificity", {lab: spec[lab]})
             rows += _rows(n, "template", lab, "specificity_median", {lab: spec_med[lab]})
-    rows += _rows("ctl_shift_pcc_binary_Li", "control", "fake", "cnr", {"fake": shift_li})
-    rows += _rows("ctl_random_pcc_binary", "control", "fake", "cnr", {"fake": random})
+    # the claims find entries by their fields, not by these names (renamed on purpose)
+    rows += _rows("control_a", "control", "fake", "cnr", {"fake": shift_li}, control="shift",
+                  control_of="Li")
+    rows += _rows("control_b", "control", "fake", "cnr", {"fake": random}, control="random")
     return pd.DataFrame(rows).assign(structure="LFP", dose_key=dose[0], dose_e_per_A2=dose[1],
                                      thickness_nm=thick, thickness_config_nm=thick)
 

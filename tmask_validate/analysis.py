@@ -40,6 +40,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,8 @@ from tmask_validate import core, templates
 from tmask_validate.calibration import Calibration
 
 __all__ = [
+    "Entry",
+    "entries",
     "analysis_options",
     "analyse_dataset",
     "dataset_metrics",
@@ -91,7 +94,78 @@ _NAME_COORDS = {
     "inner_mrad": 0.0,
     "outer_mrad": 0.0,
     "has_mask": True,
+    # name of the entry this one is compared with (partial / split-half masks and templates vs
+    # the full-scan entry of the same template; eigen vs adf); "" = none
+    "reference": "",
+    "control": "",  # wrong-site control: "random" | "shift" | ""
+    "control_of": "",  # label whose sites a "shift" control moved
 }
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One analysis entry (image, mask, template) described by typed fields, so that no module
+    has to read meaning out of its ``name``. Read them back with :func:`entries`."""
+
+    name: str
+    family: str
+    label: str = ""
+    template_kind: str = ""
+    sigma_A: float = 0.0
+    normalisation: str = ""
+    region: str = "full"
+    eval_region: str = "full"
+    polarity: float = 1.0
+    inner_mrad: float = 0.0
+    outer_mrad: float = 0.0
+    has_mask: bool = True
+    reference: str = ""
+    control: str = ""
+    control_of: str = ""
+
+    @property
+    def control_key(self) -> str:
+        """Key of the control site table (:func:`control_tables`) of a control entry."""
+        return "random" if self.control == "random" else f"shift_{self.control_of}"
+
+
+def entries(ads: xr.Dataset) -> list[Entry]:
+    """The :class:`Entry` of every ``name`` of an analysed dataset (older files: missing
+    fields take their defaults)."""
+    names = [str(n) for n in ads["name"].values]
+    cols = {k: (ads[k].values if k in ads.coords else None) for k in _NAME_COORDS}
+    out = []
+    for i, name in enumerate(names):
+        kw = {}
+        for k, fill in _NAME_COORDS.items():
+            v = cols[k][i].item() if cols[k] is not None else fill
+            kw[k] = type(fill)(v) if not isinstance(fill, bool) else bool(v)
+        if cols["reference"] is None:  # written before the entry fields existed
+            kw.update(_legacy_fields(name, kw["family"], set(names)))
+        out.append(Entry(name=name, **kw))
+    return out
+
+
+def _legacy_fields(name: str, family: str, names: set[str]) -> dict[str, str]:
+    """reference / control fields of an entry of an analysis file written before they were
+    stored (the naming rules of that version; only used to read such files)."""
+    out: dict[str, str] = {}
+    if family in ("control", "half_control"):
+        if "_random_" in name:
+            out.update(control="random")
+        else:
+            out.update(control="shift", control_of=name.rsplit("_", 1)[-1])
+    if family == "half":
+        out["reference"] = "tm_" + name[len("half_"):]
+    elif family == "half_control":
+        out["reference"] = name[len("half_"):]
+    elif family == "partial":
+        rest = name[len("partial_"):]
+        out["reference"] = ("partialref_" + rest) if "partialref_" + rest in names else (
+            "tm_" + rest)
+    elif family == "eigen":
+        out["reference"] = "adf"
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,6 +591,14 @@ def _control_templates(ctl_sites, scan_shape, *, step_A, origin_A, periodic, kin
     return out
 
 
+def _control_fields(key: str) -> dict[str, str]:
+    """Entry fields of the control built from control site table ``key`` ("random",
+    "shift_<label>"; the keys :func:`control_sites` returns)."""
+    if key == "random":
+        return {"control": "random", "control_of": ""}
+    return {"control": "shift", "control_of": key[len("shift_"):]}
+
+
 def _stack(named: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
     return np.stack([np.asarray(t, np.float64) for _, t in named], axis=0)
 
@@ -683,7 +765,7 @@ def analyse_dataset(
     eig_img, eig_mask = np.asarray(eig_img, float), np.asarray(eig_mask, float)
     if _pearson(eig_img, adf) < 0:
         eig_img, eig_mask = -eig_img, -eig_mask
-    col.add("eigen", eig_img, eig_mask, family="eigen", normalisation="pcc")
+    col.add("eigen", eig_img, eig_mask, family="eigen", normalisation="pcc", reference="adf")
 
     # ---- template stacks: full-scan templates (+ ADF image + controls) ----
     tsets = _template_sets(sites, scan_shape, step_A=step_A, origin_A=origin_A,
@@ -712,7 +794,7 @@ def analyse_dataset(
                 full.append((f"ctl_{key.split('_')[0]}_{{norm}}_{tag}"
                              + (f"_{key[6:]}" if key.startswith("shift_") else ""), t,
                              dict(family="control", label="fake", template_kind=kind,
-                                  sigma_A=sig or 0.0)))
+                                  sigma_A=sig or 0.0, **_control_fields(key))))
     _run_stack(data, stats, col, full, opts, region_name="full", region=None, valid=valid)
 
     # ---- partial templates (mask from a 1/9 window, image everywhere) ----
@@ -743,7 +825,7 @@ def analyse_dataset(
             for lab, t in tdict.items():
                 part.append((f"partial_{{norm}}_{tag}_{lab}", t,
                              dict(family="partial", label=lab, template_kind=kind,
-                                  sigma_A=sig)))
+                                  sigma_A=sig, reference=f"tm_{{norm}}_{tag}_{lab}")))
         _run_stack(data, stats, col, part, opts, region_name="partial", region=reg, valid=valid)
 
     # ---- split-half: masks from the top half, metrics on the bottom half ----
@@ -758,16 +840,19 @@ def analyse_dataset(
             for lab, t in tdict.items():
                 half.append((f"half_{{norm}}_{tag}_{lab}", t,
                              dict(family="half", label=lab, template_kind=kind, sigma_A=sig,
-                                  eval_region="bottom_half")))
+                                  eval_region="bottom_half",
+                                  reference=f"tm_{{norm}}_{tag}_{lab}")))
         for tag, kind, sig in ref_kinds:
             ct = _control_templates(ctl, scan_shape, step_A=step_A, origin_A=origin_A,
                                     periodic=periodic, kind=kind, sigma_A=sig, radius_A=None,
                                     region=top)
             for key, t in ct.items():
-                half.append((f"half_ctl_{key.split('_')[0]}_{{norm}}_{tag}"
-                             + (f"_{key[6:]}" if key.startswith("shift_") else ""), t,
+                ref = (f"ctl_{key.split('_')[0]}_{{norm}}_{tag}"
+                       + (f"_{key[6:]}" if key.startswith("shift_") else ""))
+                half.append(("half_" + ref, t,
                              dict(family="half_control", label="fake", template_kind=kind,
-                                  sigma_A=sig or 0.0, eval_region="bottom_half")))
+                                  sigma_A=sig or 0.0, eval_region="bottom_half",
+                                  reference=ref, **_control_fields(key))))
         _run_stack(data, stats, col, half, opts, region_name="top_half", region=top,
                    valid=valid)
 
@@ -847,7 +932,8 @@ def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valid, cell_A, 
         for i, (tag, kind, sig, lab, _, _, t1) in enumerate(entries):
             c = dict(family="partial", label=lab, template_kind=kind, sigma_A=sig)
             col.add(f"partial_{norm}_{tag}_{lab}", imgs[i], m_part[i], template=t1,
-                    normalisation=norm, region="partial_tiled", **c)
+                    normalisation=norm, region="partial_tiled",
+                    reference=f"partialref_{norm}_{tag}_{lab}", **c)
             col.add(f"partialref_{norm}_{tag}_{lab}", imgs[len(entries) + i], m_full[i],
                     template=t1, normalisation=norm, region="tiled_full",
                     **{**c, "family": "partial_ref"})
@@ -875,8 +961,10 @@ def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, regi
             nm = name.replace("{norm}", norm)
             if not nm.startswith(("partial_", "half_", "ctl_", "adf_pcc")):
                 nm = "tm_" + nm
+            c = {k: (v.replace("{norm}", norm) if isinstance(v, str) else v)
+                 for k, v in coords.items()}
             col.add(nm, imgs[i], masks[i], template=t, normalisation=norm, region=region_name,
-                    **coords)
+                    **c)
 
 
 def _cnr(image, sites, label, *, step_A, origin_A, radius_A, periodic) -> float:
@@ -1035,29 +1123,26 @@ def dataset_metrics(
     info = {**json.loads(ads.attrs.get("meta", "{}")), **dict(meta or {})}
     ctl = control_tables(ads)
     rows: list[dict] = []
-    names = [str(n) for n in ads["name"].values]
+    ents = entries(ads)
+    names = [e.name for e in ents]
     scan_shape = ads["images"].shape[1:]
     far = metrics.interstitial_pixels(scan_shape, sites, step_A=step_A, origin_A=origin_A,
                                       periodic=periodic)
-    coord_vals = {k: ads[k].values for k in _NAME_COORDS}
     images_all = ads["images"].values
-    for i, name in enumerate(names):
-        c = {k: coord_vals[k][i].item() for k in _NAME_COORDS}
-        base = {"name": name, "family": c["family"], "target": c["label"],
-                "template_kind": c["template_kind"], "sigma_A": float(c["sigma_A"]),
-                "normalisation": c["normalisation"], "region": c["region"],
-                "eval_region": c["eval_region"]}
-        image = images_all[i].astype(np.float64) * float(c["polarity"])
-        s_eval, target = sites, (c["label"] or None)
-        if c["family"] in ("control", "half_control"):
-            key = "random" if "_random_" in name else "shift_" + name.rsplit("_", 1)[-1]
-            if key not in ctl:
+    for i, e in enumerate(ents):
+        name = e.name
+        base = _base_row(e)
+        image = images_all[i].astype(np.float64) * float(e.polarity)
+        s_eval, target = sites, (e.label or None)
+        if e.family in ("control", "half_control"):
+            if e.control_key not in ctl:
                 continue
-            s_eval = pd.concat([sites[["label", "y_A", "x_A"]], ctl[key]], ignore_index=True)
+            s_eval = pd.concat([sites[["label", "y_A", "x_A"]], ctl[e.control_key]],
+                               ignore_index=True)
             target = "fake"
-        if target == "all" or c["family"] in ("abf_best",):
+        if target == "all" or e.family in ("abf_best",):
             target = None
-        region = _eval_region(c["eval_region"], scan_shape)
+        region = _eval_region(e.eval_region, scan_shape)
         try:
             tab = metrics.image_metrics(image, s_eval, step_A=step_A, origin_A=origin_A,
                                         radius_A=radius_A, periodic=periodic, region=region,
@@ -1073,12 +1158,11 @@ def dataset_metrics(
                 rows.extend({**base, "metric": m, "species": lab, "value": float(v)}
                             for lab, v in zip(labels_, vals, strict=True))
         tmpl = ads["templates"].values[i]
-        if c["family"] in ("half", "half_control"):
+        if e.family in ("half", "half_control"):
             # held-out evaluation: compare with the unrestricted template of the same sites
-            ref = ("tm_" + name[5:]) if c["family"] == "half" else name[5:]
-            if ref in names:
-                tmpl = ads["templates"].values[names.index(ref)]
-        if c["family"] in _TEMPLATE_FAMILIES and np.ptp(tmpl) > 0:
+            if e.reference in names:
+                tmpl = ads["templates"].values[names.index(e.reference)]
+        if e.family in _TEMPLATE_FAMILIES and np.ptp(tmpl) > 0:
             sel = np.ones(scan_shape, bool) if region is None else region
             rows.append({**base, "metric": "template_pcc", "species": target or "all",
                          "value": _pearson(image[sel], tmpl[sel])})
@@ -1098,21 +1182,19 @@ def dataset_metrics(
     # mask similarities: partial / half vs full-scan masks of the same template
     idx = {n: i for i, n in enumerate(names)}
     masks = ads["masks"].values
-    for name in names:
-        for prefix in ("partial_", "half_"):
-            if name.startswith(prefix) and not name.startswith("half_ctl_"):
-                ref = "tm_" + name[len(prefix):]
-                if prefix == "partial_" and "partialref_" + name[len(prefix):] in idx:
-                    ref = "partialref_" + name[len(prefix):]  # tiled multi-cell field
-                if ref in idx:
-                    try:
-                        val = metrics.mask_similarity(masks[idx[name]], masks[idx[ref]])
-                    except ValueError:
-                        val = 0.0
-                    rows.append(_sim_row(name, ads, idx, "mask_similarity", val, ref))
-    if "eigen" in idx and "adf" in idx:
-        val = _pearson(ads["images"].values[idx["eigen"]], ads["images"].values[idx["adf"]])
-        rows.append(_sim_row("eigen", ads, idx, "image_similarity", val, "adf"))
+    for e in ents:
+        if e.family in ("partial", "half") and e.reference in idx:
+            try:
+                val = metrics.mask_similarity(masks[idx[e.name]], masks[idx[e.reference]])
+            except ValueError:
+                val = 0.0
+            rows.append({**_base_row(e), "metric": "mask_similarity", "species": e.reference,
+                         "value": float(val)})
+    for e in ents:  # after the mask similarities (row order as before)
+        if e.family == "eigen" and e.reference in idx:
+            val = _pearson(images_all[idx[e.name]], images_all[idx[e.reference]])
+            rows.append({**_base_row(e), "metric": "image_similarity", "species": e.reference,
+                         "value": val})
     df = pd.DataFrame(rows)
     for key, val in info.items():
         if isinstance(val, list | dict):
@@ -1123,13 +1205,9 @@ def dataset_metrics(
     return df
 
 
-def _sim_row(name, ads, idx, metric, value, ref) -> dict:
-    i = idx[name]
-    return {"name": name, "family": str(ads["family"].values[i]),
-            "target": str(ads["label"].values[i]),
-            "template_kind": str(ads["template_kind"].values[i]),
-            "sigma_A": float(ads["sigma_A"].values[i]),
-            "normalisation": str(ads["normalisation"].values[i]),
-            "region": str(ads["region"].values[i]),
-            "eval_region": str(ads["eval_region"].values[i]), "metric": metric,
-            "species": ref, "value": float(value)}
+def _base_row(e: Entry) -> dict:
+    """The descriptive columns of every metrics row of entry ``e``."""
+    return {"name": e.name, "family": e.family, "target": e.label,
+            "template_kind": e.template_kind, "sigma_A": float(e.sigma_A),
+            "normalisation": e.normalisation, "region": e.region, "eval_region": e.eval_region,
+            "reference": e.reference, "control": e.control, "control_of": e.control_of}

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -86,7 +87,41 @@ def light_labels(labels) -> list[str]:
     return out
 
 
-def _get(d: pd.DataFrame, name: str, metric: str, species: str | None = None) -> float | None:
+@dataclass(frozen=True)
+class _Entry:
+    """Which analysis entry a claim reads, by its typed fields (never by parsing names)."""
+
+    family: str
+    target: str
+    kind: str = "binary"
+    sigma_A: float = 0.0
+    normalisation: str = "pcc"
+    control: str = ""
+    control_of: str = ""
+
+
+def _find(d: pd.DataFrame, e: _Entry) -> str | None:
+    """Name of the entry of ``d`` with the fields of ``e`` (None if absent)."""
+    sel = ((d["family"] == e.family) & (d["target"] == e.target)
+           & (d["template_kind"] == e.kind) & (d["normalisation"] == e.normalisation)
+           & np.isclose(d["sigma_A"].astype(float), e.sigma_A)
+           & (d["control"] == e.control) & (d["control_of"] == e.control_of))
+    names = d.loc[sel, "name"].unique()
+    return str(names[0]) if len(names) else None
+
+
+def _tag_txt(tag: tuple[str, float]) -> str:
+    return tag[0] if tag[0] != "gaussian" else f"gaussian {tag[1]:g} A"
+
+
+def _kind(tag: tuple[str, float]) -> dict:
+    return {"kind": tag[0], "sigma_A": float(tag[1])}
+
+
+def _get(d: pd.DataFrame, name: str | None, metric: str,
+         species: str | None = None) -> float | None:
+    if name is None:
+        return None
     sel = (d["name"] == name) & (d["metric"] == metric)
     if species is not None:
         sel &= d["species"] == species
@@ -94,7 +129,7 @@ def _get(d: pd.DataFrame, name: str, metric: str, species: str | None = None) ->
     return None if v.empty else float(v.iloc[0])
 
 
-def _specific(d: pd.DataFrame, name: str, label: str) -> tuple[float | None, bool]:
+def _specific(d: pd.DataFrame, name: str | None, label: str) -> tuple[float | None, bool]:
     spec = _get(d, name, "specificity", label)
     bright = _get(d, name, "target_bright", label)
     if spec is None:
@@ -126,24 +161,23 @@ def _builder(cfg: Mapping[str, Any] | None, structure: str, labels) -> str:
     return ""
 
 
-def _sigma_tag(sigma: float) -> str:
-    return f"g{sigma:.2f}".rstrip("0").rstrip(".")
-
-
 # ----------------------------------------------------------------------------------------------
 # controls, each against its own target
 # ----------------------------------------------------------------------------------------------
-def _own_control(d: pd.DataFrame, label: str, *, tag: str, held_out: bool = False,
-                 metric: str = "cnr", norm: str = "pcc") -> tuple[float | None, str]:
+def _own_control(d: pd.DataFrame, label: str, *, tag: tuple[str, float],
+                 held_out: bool = False, metric: str = "cnr",
+                 norm: str = "pcc") -> tuple[float | None, str]:
     """Worst control ratio for the claim about ``label``: the shifted-``label`` and the random
     control (same normalisation and template kind ``tag``) over the ``label`` template's own
     value (``metric`` = "cnr": fake-site CNR / target CNR; "template_pcc": control template_pcc
     / target template_pcc). None when no control is in the data."""
-    pre = "half_" if held_out else ""
-    true_name = f"{pre}{norm}_{tag}_{label}" if held_out else f"tm_{norm}_{tag}_{label}"
+    fam, cfam = ("half", "half_control") if held_out else ("template", "control")
+    true_name = _find(d, _Entry(fam, label, normalisation=norm, **_kind(tag)))
     ref = _get(d, true_name, metric, label)
     ratios, parts = [], []
-    for cname in (f"{pre}ctl_shift_{norm}_{tag}_{label}", f"{pre}ctl_random_{norm}_{tag}"):
+    for ctl, of in (("shift", label), ("random", "")):
+        cname = _find(d, _Entry(cfam, "fake", normalisation=norm, control=ctl, control_of=of,
+                                **_kind(tag)))
         val = _get(d, cname, metric, "fake")
         if val is None:
             continue
@@ -158,7 +192,8 @@ def _own_control(d: pd.DataFrame, label: str, *, tag: str, held_out: bool = Fals
     return float(max(ratios)), "; ".join(parts)
 
 
-def _with_control(row: dict, d: pd.DataFrame, label: str, *, tag: str, ratio_max: float,
+def _with_control(row: dict, d: pd.DataFrame, label: str, *, tag: tuple[str, float],
+                  ratio_max: float,
                   held_out: bool = False) -> dict:
     """Mark ``row`` uninformative when the claim's own control fails (ratio > ratio_max)."""
     ratio, detail = _own_control(d, label, tag=tag, held_out=held_out)
@@ -191,9 +226,9 @@ def _control_rows(d: pd.DataFrame, key, ratio_max: float, labels, tags) -> list[
                 for lab in labels:
                     r, txt = _own_control(d, lab, tag=tag, held_out=held_out, metric=metric)
                     if r is None and txt:
-                        moot.append(f"{tag} {lab}")
+                        moot.append(f"{_tag_txt(tag)} {lab}")
                     if r is not None and r > worst:
-                        worst, worst_txt = r, f"worst {tag} {lab}: {txt}"
+                        worst, worst_txt = r, f"worst {_tag_txt(tag)} {lab}: {txt}"
             note = f"; not applicable (target not bright): {', '.join(moot)}" if moot else ""
             if worst == -np.inf:
                 if moot:
@@ -318,7 +353,12 @@ def evaluate_claims(
         return pd.DataFrame(columns=CLAIM_COLUMNS)
     m = metrics.copy()
     if not m.empty:
-        m["species"] = m["species"].fillna("").astype(str)
+        for col in ("species", "target", "template_kind", "normalisation", "control",
+                    "control_of"):
+            m[col] = (m[col] if col in m else pd.Series("", index=m.index)).fillna("").astype(
+                str)
+        m["sigma_A"] = pd.to_numeric(m["sigma_A"], errors="coerce").fillna(0.0) if (
+            "sigma_A" in m) else 0.0
         m["thickness_key"] = m["thickness_config_nm"].fillna(m["thickness_nm"]).astype(float)
     new = _metric_claims(m, config) if not m.empty else []
     old = _metric_claims(_median_view(m), config) if not m.empty else []
@@ -342,7 +382,7 @@ def _metric_claims(m: pd.DataFrame, config) -> list[dict]:
     sweep = opts["templates"]["gaussian_sigma_A"]
     if sig is None:
         sig = float(sorted(sweep)[len(sweep) // 2]) if sweep else 0.35
-    gtag = _sigma_tag(sig)
+    binary, gauss = ("binary", 0.0), ("gaussian", float(sig))
     rows: list[dict] = []
     spec_min = th["specificity_min"]
     ratio_max = th["control_ratio_max"]
@@ -356,25 +396,25 @@ def _metric_claims(m: pd.DataFrame, config) -> list[dict]:
         if builder == "LiFePO4":
             for cid, el in (("O_specific", "O"), ("Li_specific", "Li")):
                 lab = label_for(labels, el)
-                name = f"tm_pcc_binary_{lab}"
+                name = _find(d, _Entry("template", lab)) if lab else None
                 spec, bright = _specific(d, name, lab) if lab else (None, False)
                 row = _row(cid, imprint + f"{el} template image is specific to {el} columns",
                            key, spec, ">=", spec_min,
                            spec is not None and bright and spec >= spec_min,
                            f"{name}; target bright={bright}", species=lab or el)
-                rows.append(_with_control(row, d, lab, tag="binary", ratio_max=ratio_max)
+                rows.append(_with_control(row, d, lab, tag=binary, ratio_max=ratio_max)
                             if lab else row)
             fe, p = label_for(labels, "Fe"), label_for(labels, "P")
             if fe and p:
-                x1 = _get(d, f"tm_pcc_binary_{fe}", "crosstalk", p)
-                x2 = _get(d, f"tm_pcc_binary_{p}", "crosstalk", fe)
+                x1 = _get(d, _find(d, _Entry("template", fe)), "crosstalk", p)
+                x2 = _get(d, _find(d, _Entry("template", p)), "crosstalk", fe)
                 meas = None if x1 is None or x2 is None else min(x1, x2)
                 rows.append(_row("FeP_crosstalk", imprint + "Fe and P columns show mutual "
                                  "crosstalk", key, meas, ">=", th["crosstalk_min"],
                                  meas is not None and meas >= th["crosstalk_min"],
                                  f"X[Fe->P]={x1}, X[P->Fe]={x2}", species=f"{fe},{p}"))
             for sp in light:
-                c_all = _get(d, "tm_pcc_binary_all", "cnr", sp)
+                c_all = _get(d, _find(d, _Entry("template", "all")), "cnr", sp)
                 for ref, what in (("abf", "virtual ABF (config radii)"),
                                   ("abf_best", "best ABF of the radius sweep")):
                     c_ref = _get(d, ref, "cnr", sp)
@@ -387,44 +427,48 @@ def _metric_claims(m: pd.DataFrame, config) -> list[dict]:
                         role="comparison", species=sp))
             for cid, el in (("O_heldout", "O"), ("Li_heldout", "Li")):
                 lab = label_for(labels, el)
-                name = f"half_pcc_binary_{lab}"
+                name = _find(d, _Entry("half", lab)) if lab else None
                 spec, bright = _specific(d, name, lab) if lab else (None, False)
                 row = _row(cid, f"{el} mask from the top half stays specific on the held-out "
                            "bottom half (one cell: under-determined, diagnostic)", key, spec,
                            ">=", spec_min, spec is not None and bright and spec >= spec_min,
                            f"{name}; target bright={bright}", species=lab or el)
-                rows.append(_with_control(row, d, lab, tag="binary", ratio_max=ratio_max,
+                rows.append(_with_control(row, d, lab, tag=binary, ratio_max=ratio_max,
                                           held_out=True) if lab else row)
         # ---- PbTiO3: binary Ti loses specificity, gaussian restores it ----
         if builder in ("PbTiO3", "PbTiO3_DW"):
             ti = label_for(labels, "Ti")
             if ti:
-                spec_b, bright_b = _specific(d, f"tm_pcc_binary_{ti}", ti)
+                name_b = _find(d, _Entry("template", ti))
+                spec_b, bright_b = _specific(d, name_b, ti)
                 lost = spec_b is None or (not bright_b) or spec_b < spec_min
                 rows.append(_row("Ti_binary_loses", imprint + "binary Ti template loses "
                                  "specificity (Pb also bright)", key, spec_b, "<", spec_min,
                                  spec_b is not None and lost,
-                                 f"tm_pcc_binary_{ti}; target bright={bright_b}", species=ti))
-                spec_g, bright_g = _specific(d, f"tm_pcc_{gtag}_{ti}", ti)
-                best = [(_get(d, f"tm_pcc_{_sigma_tag(s)}_{ti}", "specificity", ti), s)
-                        for s in sweep]
+                                 f"{name_b}; target bright={bright_b}", species=ti))
+                spec_g, bright_g = _specific(d, _find(d, _Entry("template", ti, **_kind(gauss))),
+                                             ti)
+                best = [(_get(d, _find(d, _Entry("template", ti, "gaussian", float(s))),
+                              "specificity", ti), s) for s in sweep]
                 best_txt = ", ".join(f"sigma {s}: {v:.3g}" for v, s in best if v is not None)
                 row = _row("Ti_gaussian_restores", imprint + f"gaussian Ti template (sigma "
                            f"{sig} A) restores specificity", key, spec_g, ">=", spec_min,
                            spec_g is not None and bright_g and spec_g >= spec_min,
                            f"target bright={bright_g}; sweep: {best_txt}", species=ti)
-                rows.append(_with_control(row, d, ti, tag=gtag, ratio_max=ratio_max))
+                rows.append(_with_control(row, d, ti, tag=gauss, ratio_max=ratio_max))
             o = label_for([x for x in labels if x.split("+")[0] == "O"], "O")
             if o:
-                spec_o, bright_o = _specific(d, f"tm_pcc_{gtag}_{o}", o)
+                name_o = _find(d, _Entry("template", o, **_kind(gauss)))
+                spec_o, bright_o = _specific(d, name_o, o)
                 row = _row("PTO_O_specific", imprint + "O columns (invisible in ADF) are "
                            "extracted specifically", key, spec_o, ">=", spec_min,
                            spec_o is not None and bright_o and spec_o >= spec_min,
-                           f"tm_pcc_{gtag}_{o}; target bright={bright_o}", species=o)
-                rows.append(_with_control(row, d, o, tag=gtag, ratio_max=ratio_max))
+                           f"{name_o}; target bright={bright_o}", species=o)
+                rows.append(_with_control(row, d, o, tag=gauss, ratio_max=ratio_max))
         # ---- every structure: partial templates, eigen-image, controls ----
         part = d[(d["metric"] == "mask_similarity") & (d["family"] == "partial")
-                 & (d["normalisation"] == "pcc") & (d["name"].str.contains(f"_{gtag}_"))]
+                 & (d["normalisation"] == "pcc") & (d["template_kind"] == "gaussian")
+                 & np.isclose(d["sigma_A"].astype(float), gauss[1])]
         if not part.empty:
             meas = float(part["value"].min())
             worst = part.loc[part["value"].idxmin(), "name"]
@@ -449,7 +493,7 @@ def _metric_claims(m: pd.DataFrame, config) -> list[dict]:
                              "eigen-image of C", key, e, ">=", th["eigen_pcc_min"],
                              e >= th["eigen_pcc_min"], "Pearson(eigen-image, ADF)",
                              role="check"))
-        rows.extend(_control_rows(d, key, ratio_max, labels, ("binary", gtag)))
+        rows.extend(_control_rows(d, key, ratio_max, labels, (binary, gauss)))
     # ---- iCoM vs thickness on the light columns, against a <= 4 nm reference ----
     rows.extend(_icom_rows(m, th["icom_thick_nm"], config))
     return rows
@@ -494,7 +538,7 @@ def _icom_rows(m: pd.DataFrame, thick_nm: float, config) -> list[dict]:
                                             " - iCoM does not show the columns at the "
                                             "reference: uninformative"),
                     informative=ok_ref, role="comparison", species=sp))
-            tm = _get(dth, "tm_pcc_binary_all", "cnr", sp)
+            tm = _get(dth, _find(dth, _Entry("template", "all")), "cnr", sp)
             if tm is not None and thick is not None:
                 rows.append(_row("template_beats_icom_thick", f"all-atom template image beats "
                                  f"iCoM on the light {sp} columns (CNR) at the thick end", key,
