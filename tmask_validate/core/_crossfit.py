@@ -121,25 +121,33 @@ def _standardise_used(t: np.ndarray, used: np.ndarray) -> np.ndarray:
 def _template_fold_moments(t0: np.ndarray, lab: np.ndarray, k_folds: int):
     """Out-of-fold template mean and std, ``(K, k)`` each; raises if any std is 0.
 
-    Taken directly over each out-of-fold set (templates are in memory, ``K k m`` work), so
-    a template constant outside a fold is recognised exactly as :func:`pcc_mask` would.
+    Per-fold sums (``k m`` work) give every out-of-fold moment as total - in-fold; ``t0`` has
+    unit variance over the used positions, so that subtraction loses nothing that matters.
+    Sets whose variance comes out below 1e-6 are recomputed directly, so a template constant
+    outside a fold is recognised exactly as :func:`pcc_mask` would.
     """
-    k = t0.shape[0]
-    mean = np.empty((k_folds, k))
-    std = np.empty((k_folds, k))
-    for f in range(k_folds):
-        to = t0[:, (lab >= 0) & (lab != f)]
+    used = lab >= 0
+    lu = lab[used]
+    tu = t0[:, used]
+    cnt = np.bincount(lu, minlength=k_folds).astype(np.float64)
+    s1 = np.stack([np.bincount(lu, weights=ti, minlength=k_folds) for ti in tu], axis=1)
+    s2 = np.stack([np.bincount(lu, weights=ti * ti, minlength=k_folds) for ti in tu], axis=1)
+    n_out = (cnt.sum() - cnt)[:, None]
+    mean = (s1.sum(axis=0) - s1) / n_out
+    var = (s2.sum(axis=0) - s2) / n_out - mean * mean
+    for f in np.flatnonzero(np.any(var < 1e-6, axis=1)):
+        to = t0[:, used & (lab != f)]
         mean[f] = to.mean(axis=1)
         dev = to - mean[f][:, None]
-        std[f] = np.sqrt(np.mean(dev * dev, axis=1))
+        var[f] = np.mean(dev * dev, axis=1)
         scale = np.max(np.abs(to), axis=1)
-        bad = ~(std[f] > _TEMPLATE_STD_FLOOR * np.maximum(scale, np.finfo(float).tiny))
+        bad = ~(np.sqrt(var[f]) > _TEMPLATE_STD_FLOOR * np.maximum(scale, np.finfo(float).tiny))
         if np.any(bad):
             raise ValueError(
                 f"template {int(np.flatnonzero(bad)[0])} has zero variance over the probe "
                 f"positions outside fold {f} (a constant template correlates with nothing)"
             )
-    return mean, std
+    return mean, np.sqrt(var)
 
 
 # ----------------------------------------------------------------------------- chunk helpers
