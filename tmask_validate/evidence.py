@@ -436,6 +436,12 @@ def evidence_summary(present: np.ndarray, absent: np.ndarray, *,
             "evidence_z": z, "n_repeats": r, "n_cells": p.shape[1]}
 
 
+def _z_noise(summary: Mapping[str, float]) -> float:
+    cand = [v for v in (summary["se_cells"], summary["se_repeats"]) if np.isfinite(v)]
+    se = max(cand) if cand else float("nan")
+    return float(summary["difference"] / se) if np.isfinite(se) and se > 0 else float("nan")
+
+
 def null_p(z: float, z_null: Sequence[float]) -> float:
     """One-sided permutation-style p-value ``(1 + #{z_null >= z}) / (1 + N)``.
 
@@ -585,7 +591,8 @@ def evaluate_evidence(
     table : DataFrame
         One row per (species, template kind, dose, occupancy) with
         :data:`EVIDENCE_COLUMNS` (minus structure/thickness, which the caller adds) and extras:
-        ``difference``, ``se``, ``se_cells``, ``se_repeats``, ``se_null``,
+        ``difference``, ``se``, ``se_cells``, ``se_repeats``, ``se_null``, ``evidence_z_noise``
+        (the difference over the cell/repeat errors alone),
         ``contrast_absent_present_masks``,
         ``evidence_z_present_masks`` (the present-data masks applied to the removed data),
         ``null_z_median``, ``null_z_max``, ``imprint_present``, ``imprint_absent`` (in-sample
@@ -694,6 +701,8 @@ def evaluate_evidence(
                     "difference": real["difference"], "se": real["se"],
                     "se_cells": real["se_cells"], "se_repeats": real["se_repeats"],
                     "se_null": sd_null,
+                    # the same difference over the noise errors alone (cells, repeats)
+                    "evidence_z_noise": _z_noise(real),
                     "contrast_absent_present_masks": trans["contrast_absent"],
                     "evidence_z_present_masks": trans["evidence_z"],
                     "null_z_median": float(np.nanmedian(zn)) if np.isfinite(zn).any()
