@@ -21,6 +21,17 @@ def _scale_bar(ax, step_A: float, shape, length_A: float = 5.0) -> None:
             fontsize=7, path_effects=halo)
 
 
+def _zaxis(ax) -> None:
+    """Symmetric-log z axis (linear within +-3) with plain tick labels."""
+    ax.set_yscale("symlog", linthresh=3)
+    ticks = [-100, -30, -10, -3, 0, 3, 10, 30, 100]
+    lo, hi = ax.get_ylim()
+    ticks = [t for t in ticks if lo <= t <= hi]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"{t:g}" for t in ticks])
+    ax.grid(True, axis="y", lw=0.3, alpha=0.5)
+
+
 def _pick_images(table: pd.DataFrame, images: Mapping[str, np.ndarray]):
     """Images of the first crystal comparison (thinnest thickness, highest dose)."""
     rows = table[(table["occupancy"] == 1.0)].sort_values(
@@ -71,28 +82,37 @@ def evidence_figure(table: pd.DataFrame, images: Mapping[str, np.ndarray], out: 
                      fontsize=9)
     ax1 = fig.add_subplot(gs[1, :2])
     crystal = table[table["occupancy"] == 1.0]
-    for (s, sp, kind, dose), g in crystal.groupby(["structure", "species", "template",
-                                                   "dose_e_per_A2"]):
-        g = g.sort_values("thickness_nm")
-        ax1.plot(g["thickness_nm"], g["evidence_z"], "o-", ms=4,
-                 label=f"{s.split('_')[0]} {sp} {kind} {dose:g}")
+    doses = sorted(table["dose_e_per_A2"].unique())
+    styles = dict(zip(doses, ["o:", "s--", "^-", "d-."] * 4, strict=False))
+    groups = list(crystal.groupby(["structure", "species", "template"]))
+    colours = plt.get_cmap("tab10")
+    for gi, ((s, sp, kind), gg) in enumerate(groups):
+        for dose, g in gg.groupby("dose_e_per_A2"):
+            g = g.sort_values("thickness_nm")
+            ax1.plot(g["thickness_nm"], g["evidence_z"], styles[dose], ms=4,
+                     color=colours(gi % 10),
+                     label=f"{s.split('_')[0]} {sp} ({kind}), {dose:g} e/Å²")
+    _zaxis(ax1)
     thr = table.attrs.get("z_min", 3.0)
     ax1.axhline(thr, color="k", ls="--", lw=0.8)
     ax1.set_xlabel("thickness (nm)")
-    ax1.set_ylabel("evidence_z (present − removed) / SE")
+    ax1.set_ylabel("evidence_z = (present − removed) / SE")
     ax1.set_title("species vs its removed control, held-out cells", fontsize=9)
-    ax1.legend(fontsize=6, ncol=2)
+    ax1.legend(fontsize=5.5, ncol=2, loc="best")
     ax2 = fig.add_subplot(gs[1, 2:])
     occ = table[table["species"].isin(table.loc[table["occupancy"] < 1, "species"].unique())]
+    thick = sorted(occ["thickness_nm"].unique())
     for (_s, sp, _kind, dose, t), g in occ.groupby(["structure", "species", "template",
                                                   "dose_e_per_A2", "thickness_nm"]):
         g = g.sort_values("occupancy")
-        ax2.plot(g["occupancy"], g["evidence_z"], "o-", ms=4, label=f"{sp} {dose:g}, {t:g} nm")
+        ax2.plot(g["occupancy"], g["evidence_z"], styles[dose], ms=4,
+                 color=colours(thick.index(t) % 10), label=f"{sp} {t:g} nm, {dose:g} e/Å²")
+    _zaxis(ax2)
     ax2.axhline(thr, color="k", ls="--", lw=0.8)
     ax2.set_xlabel("occupancy x")
     ax2.set_ylabel("evidence_z vs x = 0")
     ax2.set_title("occupancy series (dashed: z threshold)", fontsize=9)
-    ax2.legend(fontsize=6, ncol=2)
+    ax2.legend(fontsize=5.5, ncol=3, loc="best")
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
