@@ -159,6 +159,11 @@ def test_species_detection_claims_come_from_the_evidence_table():
     assert o.status == "fail" and not o.passed
     pto = _claim(claims, "PTO_O_detected")
     assert pto.status == "uninformative" and not pto.passed
+    # no metrics for that dose: the workflow's dose key
+    alone = evaluate_claims(pd.DataFrame(), config=CFG, evidence=_evidence().assign(
+        dose_e_per_A2=1e6))
+    assert set(alone.dose_key) == {"d1e6"}
+    assert not alone.baseline_sensitive.any()
     # without the table no detection claim is made
     assert not evaluate_claims(met, config=CFG)["claim_id"].str.endswith("_detected").any()
 

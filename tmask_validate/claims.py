@@ -270,6 +270,8 @@ def _evidence_rows(ev: pd.DataFrame, metrics: pd.DataFrame, config) -> list[dict
     """Li_detected / O_detected (LiFePO4) and PTO_O_detected (PbTiO3) per template x thickness
     x dose, from the full-occupancy rows of the evidence table (verdicts as the evidence stage
     decided them: detected -> pass, not detected -> fail, uninformative -> uninformative)."""
+    from tmask_validate.workflow import targets  # the workflow's dose keys (pure formatting)
+
     rows = []
     dkeys = _dose_keys(metrics)
     ev = ev.assign(occupancy=pd.to_numeric(ev["occupancy"], errors="coerce").fillna(1.0))
@@ -287,7 +289,7 @@ def _evidence_rows(ev: pd.DataFrame, metrics: pd.DataFrame, config) -> list[dict
             cid = f"{sp}_detected"
         dose = float(r.dose_e_per_A2) if pd.notna(r.dose_e_per_A2) else None
         dk = "noiseless" if dose is None or not np.isfinite(dose) else dkeys.get(
-            dose, f"d{dose:g}")
+            dose, targets.dose_key(dose))
         key = (s, dk, float(r.thickness_nm))
         v = str(r.verdict)
         row = _row(cid, f"{sp} detected on held-out cells against its removed-{sp} control "
