@@ -35,6 +35,8 @@ each entry). :func:`dataset_metrics` turns it into a tidy metrics table with
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import re
@@ -52,6 +54,7 @@ from tmask_validate.calibration import Calibration
 
 __all__ = [
     "Entry",
+    "ScanSites",
     "entries",
     "analysis_options",
     "analyse_dataset",
@@ -171,6 +174,42 @@ def _legacy_fields(name: str, family: str, names: set[str]) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 # options
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ScanSites:
+    """A site table validated once, carried with the scan geometry it is expressed in (Å;
+    pixel ``[0, 0]`` at ``origin_A``). Build it with :meth:`of`; helpers take it instead of
+    ``sites, scan_shape, step_A=..., origin_A=..., periodic=...``."""
+
+    sites: pd.DataFrame
+    scan_shape: tuple[int, int]
+    step_A: tuple[float, float]
+    origin_A: tuple[float, float] = (0.0, 0.0)
+    periodic: bool = False
+
+    @classmethod
+    def of(cls, sites: pd.DataFrame, scan_shape: Sequence[int], *, step_A,
+           origin_A=(0.0, 0.0), periodic: bool = False) -> ScanSites:
+        """Validate ``sites`` (:func:`tmask_validate.templates.validate_sites`) and the
+        geometry once."""
+        sy, sx = (int(v) for v in scan_shape)
+        return cls(templates.validate_sites(sites), (sy, sx),
+                   templates.as_pair(step_A, "step_A"),
+                   templates.as_pair(origin_A, "origin_A", positive=False), bool(periodic))
+
+    @property
+    def geometry(self) -> dict[str, Any]:
+        """``step_A``, ``origin_A``, ``periodic`` as keywords for templates / metrics."""
+        return {"step_A": self.step_A, "origin_A": self.origin_A, "periodic": self.periodic}
+
+    @functools.cached_property
+    def yx_px(self) -> np.ndarray:
+        """Sub-pixel site positions ``(n, 2)`` (``templates.sites_to_pixels``)."""
+        return templates.sites_to_pixels(self.sites, self.step_A, self.origin_A)
+
+    def with_periodic(self, periodic: bool) -> ScanSites:
+        return dataclasses.replace(self, periodic=bool(periodic))
+
+
 def analysis_options(overrides: Mapping[str, Any] | None = None) -> dict:
     """Analysis options: the ``analysis`` config section with every default filled in.
 
@@ -250,10 +289,6 @@ def lightest_label(sites: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------------------------
 # geometry helpers
 # ----------------------------------------------------------------------------------------------
-def _site_px(sites: pd.DataFrame, step_A, origin_A) -> np.ndarray:
-    return templates.sites_to_pixels(sites, step_A, origin_A)
-
-
 def _count_in_region(yx_px: np.ndarray, region: np.ndarray, periodic: bool) -> np.ndarray:
     """Per-site flag: nearest pixel inside ``region``."""
     sy, sx = region.shape
@@ -287,12 +322,18 @@ def partial_window(
     -------
     numpy.ndarray of bool, shape ``scan_shape``
     """
-    sy, sx = (int(v) for v in scan_shape)
+    return _partial_window(ScanSites.of(sites, scan_shape, step_A=step_A, origin_A=origin_A,
+                                        periodic=periodic), fraction)
+
+
+def _partial_window(scan: ScanSites, fraction: float) -> np.ndarray:
+    sy, sx = scan.scan_shape
+    periodic = scan.periodic
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     wy, wx = max(1, round(sy * fraction)), max(1, round(sx * fraction))
-    s = templates.validate_sites(sites)
-    yx = _site_px(s, step_A, origin_A)
+    s = scan.sites
+    yx = scan.yx_px
     labels = s["label"].to_numpy()
     uniq = list(dict.fromkeys(labels))
     domains = s["domain"].to_numpy() if "domain" in s else None
@@ -355,10 +396,18 @@ def control_sites(
     too few pixels qualify); ``shift_<label>`` is the label's sites moved by the shift vector (on
     a 1/20-cell grid) that maximises their smallest distance from every real column.
     """
-    s = templates.validate_sites(sites)
-    sy, sx = (int(v) for v in scan_shape)
-    step = np.asarray(templates.as_pair(step_A, "step_A"))
-    origin = np.asarray(templates.as_pair(origin_A, "origin_A", positive=False))
+    return _control_sites(ScanSites.of(sites, scan_shape, step_A=step_A, origin_A=origin_A,
+                                       periodic=periodic), n_random=n_random,
+                          min_distance_A=min_distance_A, seed=seed)
+
+
+def _control_sites(scan: ScanSites, *, n_random: int | None, min_distance_A: float,
+                   seed: int) -> dict[str, pd.DataFrame]:
+    s = scan.sites
+    sy, sx = scan.scan_shape
+    periodic = scan.periodic
+    step = np.asarray(scan.step_A)
+    origin = np.asarray(scan.origin_A)
     period = step * (sy, sx) if periodic else None
     real = s[["y_A", "x_A"]].to_numpy(float)
     rng = np.random.default_rng(seed)
@@ -529,33 +578,31 @@ def _covers_one_cell(scan_shape, step_A, cell_A) -> bool:
                                                                   strict=True))
 
 
-def _template_sets(sites, scan_shape, *, step_A, origin_A, periodic, opts, region=None,
-                   kinds=None, sigmas=None):
+def _template_sets(scan: ScanSites, *, opts, region=None, kinds=None, sigmas=None):
     """``[(kind_tag, kind, sigma_A, {label: template})]`` for the configured template kinds."""
     topt = opts["templates"]
     kinds = list(kinds or topt["kinds"])
     sigmas = list(sigmas if sigmas is not None else topt["gaussian_sigma_A"])
     out = []
-    common = dict(step_A=step_A, origin_A=origin_A, periodic=periodic, region=region)
+    common = dict(**scan.geometry, region=region)
     for kind in kinds:
         if kind == "gaussian":
             for sig in sigmas:
                 out.append((_sigma_tag(sig), "gaussian", float(sig),
-                            _safe_templates(sites, scan_shape, kind="gaussian", sigma_A=sig,
-                                            **common)))
+                            _safe_templates(scan, kind="gaussian", sigma_A=sig, **common)))
         elif kind == "disc":
             out.append(("disc", "disc", 0.0,
-                        _safe_templates(sites, scan_shape, kind="disc",
-                                        radius_A=topt["disc_radius_A"], **common)))
+                        _safe_templates(scan, kind="disc", radius_A=topt["disc_radius_A"],
+                                        **common)))
         else:
             out.append(("binary", "binary", 0.0,
-                        _safe_templates(sites, scan_shape, kind="binary", **common)))
+                        _safe_templates(scan, kind="binary", **common)))
     return out
 
 
-def _safe_templates(sites, scan_shape, **kw) -> dict[str, np.ndarray]:
+def _safe_templates(scan: ScanSites, **kw) -> dict[str, np.ndarray]:
     """species_templates, one label at a time, skipping labels that give no usable template."""
-    s = templates.validate_sites(sites)
+    s, scan_shape = scan.sites, scan.scan_shape
     out = {}
     labels = list(dict.fromkeys(s["label"]))
     for lab in labels + ["all"]:
@@ -572,17 +619,17 @@ def _safe_templates(sites, scan_shape, **kw) -> dict[str, np.ndarray]:
     return out
 
 
-def _control_templates(ctl_sites, scan_shape, *, step_A, origin_A, periodic, kind, sigma_A,
-                       radius_A, region=None) -> dict[str, np.ndarray]:
+def _control_templates(ctl_sites, scan: ScanSites, *, kind, sigma_A, radius_A,
+                       region=None) -> dict[str, np.ndarray]:
     out = {}
+    step = scan.step_A
     for key, tab in ctl_sites.items():
         if len(tab) == 0:
             continue
         try:
-            yx = templates.sites_to_pixels(tab, step_A, origin_A)
-            step = templates.as_pair(step_A, "step_A")
+            yx = templates.sites_to_pixels(tab, step, scan.origin_A)
             out[key] = templates.make_template(
-                yx, scan_shape, kind=kind, periodic=periodic, region=region,
+                yx, scan.scan_shape, kind=kind, periodic=scan.periodic, region=region,
                 sigma_px=None if sigma_A is None else (sigma_A / step[0], sigma_A / step[1]),
                 radius_px=None if radius_A is None else (radius_A / step[0], radius_A / step[1]),
             )
@@ -677,9 +724,11 @@ def analyse_dataset(
     if len(shape) != 4:
         raise ValueError(f"data must be 4D [scan_y, scan_x, ky, kx], got shape {shape}")
     scan_shape, det_shape = shape[:2], shape[2:]
-    sites = templates.validate_sites(sites)
     step_A = calibration.step_A
     origin_A = tuple(float(v) for v in origin_A)
+    # the site table is validated once and carried with its scan geometry from here on
+    scan = ScanSites.of(sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=periodic)
+    sites = scan.sites
     notes: list[str] = []
 
     # ---- pass: column statistics (shared by every normalised image) ----
@@ -736,8 +785,7 @@ def analyse_dataset(
     best_name, best_cnr = "abf", -np.inf
     radius_A = opts["metrics"]["radius_A"]
     for name in ["abf", *[n for n in sweep if n in vimgs]]:
-        c = _cnr(-np.asarray(vimgs[name], float), sites, target, step_A=step_A,
-                 origin_A=origin_A, radius_A=radius_A, periodic=periodic)
+        c = _cnr(-np.asarray(vimgs[name], float), scan, target, radius_A=radius_A)
         if c > best_cnr:
             best_name, best_cnr = name, c
     inner, outer = all_dets[best_name]
@@ -768,8 +816,7 @@ def analyse_dataset(
     col.add("eigen", eig_img, eig_mask, family="eigen", normalisation="pcc", reference="adf")
 
     # ---- template stacks: full-scan templates (+ ADF image + controls) ----
-    tsets = _template_sets(sites, scan_shape, step_A=step_A, origin_A=origin_A,
-                           periodic=periodic, opts=opts)
+    tsets = _template_sets(scan, opts=opts)
     sig_list = opts["templates"]["gaussian_sigma_A"]
     ref_sigma = opts["templates"]["reference_sigma_A"]
     if ref_sigma is None:
@@ -784,12 +831,10 @@ def analyse_dataset(
     copt = opts["controls"]
     ctl = {}
     if copt["enabled"]:
-        ctl = control_sites(sites, scan_shape, step_A=step_A, origin_A=origin_A,
-                            periodic=periodic, n_random=copt["n_random"],
-                            min_distance_A=copt["min_distance_A"], seed=copt["seed"])
+        ctl = _control_sites(scan, n_random=copt["n_random"],
+                             min_distance_A=copt["min_distance_A"], seed=copt["seed"])
         for tag, kind, sig in ref_kinds:
-            ct = _control_templates(ctl, scan_shape, step_A=step_A, origin_A=origin_A,
-                                    periodic=periodic, kind=kind, sigma_A=sig, radius_A=None)
+            ct = _control_templates(ctl, scan, kind=kind, sigma_A=sig, radius_A=None)
             for key, t in ct.items():
                 full.append((f"ctl_{key.split('_')[0]}_{{norm}}_{tag}"
                              + (f"_{key[6:]}" if key.startswith("shift_") else ""), t,
@@ -808,20 +853,17 @@ def analyse_dataset(
                      "noise on a tiled field is impossible; 1/9 window of the one-cell scan used")
         tiled = False
     if tiled:
-        _partial_tiled(data, stats, col, sites, opts, valid=valid, cell_A=cell_A,
-                       step_A=step_A, origin_A=origin_A, ref_sigma=ref_sigma,
-                       noiseless=noiseless, dose=dose, notes=notes)
+        _partial_tiled(data, stats, col, scan, opts, valid=valid, cell_A=cell_A,
+                       ref_sigma=ref_sigma, noiseless=noiseless, dose=dose, notes=notes)
     elif popt["enabled"]:
         if partial_region is not None:
             reg = templates.check_region(partial_region, scan_shape)
         else:
-            reg = partial_window(sites, scan_shape, step_A=step_A, origin_A=origin_A,
-                                 fraction=popt["fraction"], periodic=periodic)
+            reg = _partial_window(scan, popt["fraction"])
         regions["partial"] = reg
         part = []
         for tag, kind, sig, tdict in _template_sets(
-                sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=periodic,
-                opts=opts, region=reg, kinds=["binary", "gaussian"], sigmas=[ref_sigma]):
+                scan, opts=opts, region=reg, kinds=["binary", "gaussian"], sigmas=[ref_sigma]):
             for lab, t in tdict.items():
                 part.append((f"partial_{{norm}}_{tag}_{lab}", t,
                              dict(family="partial", label=lab, template_kind=kind,
@@ -835,16 +877,14 @@ def analyse_dataset(
         regions["top_half"] = top
         half = []
         for tag, kind, sig, tdict in _template_sets(
-                sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=periodic,
-                opts=opts, region=top, kinds=["binary", "gaussian"], sigmas=[ref_sigma]):
+                scan, opts=opts, region=top, kinds=["binary", "gaussian"], sigmas=[ref_sigma]):
             for lab, t in tdict.items():
                 half.append((f"half_{{norm}}_{tag}_{lab}", t,
                              dict(family="half", label=lab, template_kind=kind, sigma_A=sig,
                                   eval_region="bottom_half",
                                   reference=f"tm_{{norm}}_{tag}_{lab}")))
         for tag, kind, sig in ref_kinds:
-            ct = _control_templates(ctl, scan_shape, step_A=step_A, origin_A=origin_A,
-                                    periodic=periodic, kind=kind, sigma_A=sig, radius_A=None,
+            ct = _control_templates(ctl, scan, kind=kind, sigma_A=sig, radius_A=None,
                                     region=top)
             for key, t in ct.items():
                 ref = (f"ctl_{key.split('_')[0]}_{{norm}}_{tag}"
@@ -874,11 +914,12 @@ def analyse_dataset(
     )
 
 
-def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valid, cell_A, step_A,
-                   origin_A, ref_sigma, noiseless, dose, notes) -> None:
+def _partial_tiled(data, stats, col: _Collector, scan: ScanSites, opts, *, valid, cell_A,
+                   ref_sigma, noiseless, dose, notes) -> None:
     """Partial templates of a periodic one-cell scan, evaluated on a tiled multi-cell field."""
     from tmask_validate import noise
 
+    sites, step_A = scan.sites, scan.step_A
     popt = opts["partial"]
     cells = tuple(int(v) for v in popt["tile_cells"])
     scan_shape = tuple(int(v) for v in data.shape[:2])
@@ -906,8 +947,8 @@ def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valid, cell_A, 
     # field templates = the one-cell templates tiled (exactly periodic: building them from the
     # tiled site table would round half-pixel sites differently in different cells), zero
     # outside the window for the partial ones (templates.make_template(region=...) semantics)
-    one = _template_sets(sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=True,
-                         opts=opts, kinds=["binary", "gaussian"], sigmas=[ref_sigma])
+    one = _template_sets(scan.with_periodic(True), opts=opts, kinds=["binary", "gaussian"],
+                         sigmas=[ref_sigma])
     entries = []
     for tag, kind, sig, td in one:
         for lab, t1 in td.items():
@@ -967,13 +1008,12 @@ def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, regi
                     **c)
 
 
-def _cnr(image, sites, label, *, step_A, origin_A, radius_A, periodic) -> float:
+def _cnr(image, scan: ScanSites, label, *, radius_A) -> float:
     """CNR of the ``label`` columns in ``image`` (:func:`tmask_validate.metrics.image_metrics`)."""
     from tmask_validate import metrics
 
     try:
-        tab = metrics.image_metrics(image, sites, step_A=step_A, origin_A=origin_A,
-                                    radius_A=radius_A, periodic=periodic)
+        tab = metrics.image_metrics(image, scan.sites, radius_A=radius_A, **scan.geometry)
     except ValueError:
         return -np.inf
     sel = tab.loc[tab["label"] == label, "cnr"]
@@ -1113,7 +1153,6 @@ def dataset_metrics(
 
     if sites is None:
         sites = sites_from_dataset(ads)
-    sites = templates.validate_sites(sites)
     opts = json.loads(ads.attrs["options"])
     radius_A = float(radius_A if radius_A is not None else opts["metrics"]["radius_A"])
     cal = json.loads(ads.attrs["calibration"])
@@ -1126,8 +1165,9 @@ def dataset_metrics(
     ents = entries(ads)
     names = [e.name for e in ents]
     scan_shape = ads["images"].shape[1:]
-    far = metrics.interstitial_pixels(scan_shape, sites, step_A=step_A, origin_A=origin_A,
-                                      periodic=periodic)
+    scan = ScanSites.of(sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=periodic)
+    sites = scan.sites
+    far = metrics.interstitial_pixels(scan_shape, sites, **scan.geometry)
     images_all = ads["images"].values
     for i, e in enumerate(ents):
         name = e.name
@@ -1144,10 +1184,9 @@ def dataset_metrics(
             target = None
         region = _eval_region(e.eval_region, scan_shape)
         try:
-            tab = metrics.image_metrics(image, s_eval, step_A=step_A, origin_A=origin_A,
-                                        radius_A=radius_A, periodic=periodic, region=region,
+            tab = metrics.image_metrics(image, s_eval, radius_A=radius_A, region=region,
                                         target=target, name=name, interstitial=far,
-                                        with_median=True)
+                                        with_median=True, **scan.geometry)
         except ValueError as exc:
             warnings.warn(f"metrics for {name} skipped: {exc}", stacklevel=2)
             continue
