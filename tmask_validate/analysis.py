@@ -997,10 +997,10 @@ def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, regi
         if imgs.ndim == 2:
             imgs = imgs[None]
         for i, (name, t, coords) in enumerate(entries):
-            if name == "adf_pcc" and norm != "pcc":
+            if coords.get("family") == "adf_pcc" and norm != "pcc":
                 continue
             nm = name.replace("{norm}", norm)
-            if not nm.startswith(("partial_", "half_", "ctl_", "adf_pcc")):
+            if coords.get("family") == "template":  # full-scan species templates: tm_<...>
                 nm = "tm_" + nm
             c = {k: (v.replace("{norm}", norm) if isinstance(v, str) else v)
                  for k, v in coords.items()}
