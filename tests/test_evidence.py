@@ -332,3 +332,13 @@ def test_noisy_field_is_independent_per_cell_with_the_right_mean():
     again = evidence.noisy_field(one, geom, 400.0, seed=1, dose_e_per_A2=1600.0, stream=5)
     other = evidence.noisy_field(one, geom, 400.0, seed=1, dose_e_per_A2=1600.0, stream=6)
     assert np.array_equal(f, again) and not np.array_equal(f, other)
+
+
+def test_noisy_field_takes_a_whole_multicell_scan_untiled():
+    geom = evidence.FieldGeometry(cell_shape=(2, 3), cells=(2, 2), step_A=(0.5, 0.5))
+    rng = np.random.default_rng(0)
+    whole = rng.random((4, 6, 2, 2)).astype(np.float32)  # cells differ: a real supercell scan
+    f = evidence.noisy_field(whole, geom, 1e5, seed=1, dose_e_per_A2=1.0, stream=3)
+    np.testing.assert_allclose(f / 1e5, whole, rtol=0.05, atol=0.01)
+    with pytest.raises(ValueError, match="match|must be"):
+        evidence.noisy_field(whole[:3], geom, 1e5, seed=1, dose_e_per_A2=1.0, stream=3)

@@ -156,7 +156,8 @@ def noisy_field(one_cell: np.ndarray, geometry: FieldGeometry, electrons_per_pro
     Parameters
     ----------
     one_cell : ndarray (sy, sx, ky, kx)
-        Noiseless intensities (fraction of the probe per pixel) of one periodic cell.
+        Noiseless intensities (fraction of the probe per pixel) of one periodic cell, tiled
+        over the field; or of the whole field (a real multi-cell scan), used as it is.
     geometry : FieldGeometry
     electrons_per_probe : float
         Expected electrons per probe position (:func:`tmask_validate.noise.electrons_per_probe`).
@@ -170,12 +171,15 @@ def noisy_field(one_cell: np.ndarray, geometry: FieldGeometry, electrons_per_pro
     ndarray (cy*sy, cx*sx, ky, kx) uint32
     """
     src = np.asarray(one_cell)
-    if src.ndim != 4 or tuple(src.shape[:2]) != geometry.cell_shape:
+    whole = src.ndim == 4 and tuple(src.shape[:2]) == geometry.shape
+    if src.ndim != 4 or not (whole or tuple(src.shape[:2]) == geometry.cell_shape):
         raise ValueError(f"one_cell must be (sy, sx, ky, kx) with (sy, sx) = "
-                         f"{geometry.cell_shape}, got {src.shape}")
+                         f"{geometry.cell_shape} (or the whole field {geometry.shape}), "
+                         f"got {src.shape}")
     fy, fx = geometry.shape
-    sy = geometry.cell_shape[0]
-    cx = geometry.cells[1]
+    # a whole simulated multi-cell field (real supercell scan) is used as it is, not tiled
+    sy = fy if whole else geometry.cell_shape[0]
+    cx = 1 if whole else geometry.cells[1]
     out = np.empty((fy, fx, *src.shape[2:]), np.uint32)
     for r0 in range(0, fy, rows_per_block):
         r1 = min(r0 + rows_per_block, fy)
@@ -635,9 +639,9 @@ def evaluate_evidence(
             for v in vnames:
                 cfgs = variants[v]
                 one = np.asarray(cfgs[r % len(cfgs)])
-                if tuple(one.shape[:2]) != geometry.cell_shape:
-                    raise ValueError(f"variant {v!r}: one-cell data {one.shape} do not match "
-                                     f"cell_shape {geometry.cell_shape}")
+                if tuple(one.shape[:2]) not in (geometry.cell_shape, geometry.shape):
+                    raise ValueError(f"variant {v!r}: data {one.shape} match neither the cell "
+                                     f"{geometry.cell_shape} nor the field {geometry.shape}")
                 say(f"dose {dose:g} repeat {r} variant {v}: field")
                 fld = noisy_field(one, geometry, electrons, seed=int(seed),
                                   dose_e_per_A2=float(dose),
