@@ -6,7 +6,10 @@
 #
 # Stages (one rule file each, tmask_validate/workflow/rules/): simulate (one job per structure x
 # frozen-phonon chunk, then combine) -> noise (one job per structure x dose) -> analyse (one job
-# per structure x dose x thickness) -> metrics -> figures -> claims -> report.
+# per structure x dose x thickness) -> metrics -> figures -> claims -> report; and the species
+# evidence (evidence.smk: species-removed variants, held-out cells -> species_evidence.csv),
+# which claims and report take as an input.
+import re
 from pathlib import Path
 
 from tmask_validate.config import validate_config
@@ -33,6 +36,7 @@ wildcard_constraints:
     dose=r"noiseless|d[0-9.e-]+",
     thickness=r"t[0-9.e-]+nm",
     experiment="|".join(T.experiments(CFG)) or "NONE",
+    variant="|".join(re.escape(v) for v in T.all_evidence_variants(CFG)) or "NONE",
 
 
 def res(rule):
@@ -45,6 +49,7 @@ rule all:
         R / "claims.csv",
         R / "metrics" / "metrics.csv",
         expand(str(R / "experiments" / "{experiment}.nc"), experiment=T.experiments(CFG)),
+        T.species_evidence_table(CFG, R),
     default_target: True
 
 
@@ -53,5 +58,6 @@ include: str(RULES_DIR / "noise.smk")
 include: str(RULES_DIR / "analyse.smk")
 include: str(RULES_DIR / "metrics.smk")
 include: str(RULES_DIR / "figures.smk")
+include: str(RULES_DIR / "evidence.smk")
 include: str(RULES_DIR / "claims.smk")
 include: str(RULES_DIR / "report.smk")

@@ -127,3 +127,46 @@ def test_runtime_checks_name_the_key(smoke):
     sim["max_angle_mrad"] = 80  # beyond the 56 mrad cutoff of 0.15 Å sampling
     with pytest.raises(ValueError, match=r"simulation\.max_angle_mrad.*cutoff"):
         check_simulation(sim)
+
+
+# ------------------------------------------------------------------------------ evidence section
+def test_evidence_defaults_and_variants(smoke):
+    from tmask_validate import evidence
+
+    ev = smoke["evidence"]
+    assert ev["z_min"] == 3.0 and ev["p_max"] == 0.05 and ev["null_min_distance_A"] == 0.7
+    assert ev["structures"]["LiFePO4_001"]["templates"] == ["binary"]
+    v = evidence.variants_from_config(smoke, "LiFePO4_001")
+    assert list(v) == ["crystal", "Li-x0", "Li-x0.5"]
+    assert v["Li-x0"]["occupancy"] == 0.0 and v["crystal"]["species"] is None
+    assert v["Li-x0.5"]["thicknesses_nm"] == [2.0, 4.0]
+    cmp_ = evidence.comparisons_from_config(smoke, "LiFePO4_001")
+    assert [(c.present, c.absent, c.occupancy) for c in cmp_] == [
+        ("crystal", "Li-x0", 1.0), ("Li-x0.5", "Li-x0", 0.5)]
+    none = validate_config({"name": "x", "seed": 0})
+    assert none["evidence"]["structures"] == {}
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda e: e["structures"].__setitem__("nope", {"species": ["Li"], "thicknesses_nm": [2]}),
+     "evidence.structures.nope: no such structure"),
+    (lambda e: e["structures"]["LiFePO4_001"]["occupancy"].__setitem__("species", "O"),
+     "occupancy.species"),
+    (lambda e: e["structures"]["LiFePO4_001"]["occupancy"].__setitem__("values", [1.0]),
+     "evidence.structures.LiFePO4_001.occupancy.values"),
+    (lambda e: e["structures"]["LiFePO4_001"]["occupancy"].__setitem__("mode", "columns"),
+     "set scan_cells"),
+    (lambda e: e["structures"]["LiFePO4_001"].__setitem__("scan_cells", [2, 2]),
+     "must be \\[1, 1\\] or equal evidence.cells"),
+    (lambda e: e.__setitem__("phonon_configurations", 5), "exceeds"),
+    (lambda e: e.__setitem__("cells", [1, 4]), "evidence.cells"),
+    (lambda e: e.__setitem__("p_max", 2), "evidence.p_max"),
+    (lambda e: e.__setitem__("zmin", 2), "evidence: Additional properties"),
+    (lambda e: e["structures"]["LiFePO4_001"].__setitem__("templates", ["round"]),
+     "templates"),
+])
+def test_evidence_config_rejections(smoke, edit, match):
+    cfg = copy.deepcopy(smoke)
+    edit(cfg["evidence"])
+    with pytest.raises(ValueError, match=match):
+        validate_config(cfg)

@@ -162,7 +162,7 @@ def test_known_answer_cnr_crosstalk_specificity():
     d = 0.25
     img_a, sites, step = _hand_image({"A": 4.0, "B": 1.0, "C": -2.0}, d=d)
     img_b, _, _ = _hand_image({"A": 3.0, "B": 2.0, "C": -0.5}, d=d, seed=1)
-    kw = dict(step_A=step, radius_A=0.1)
+    kw = dict(step_A=step, radius_A=0.1, baseline="median")  # the image is built on its median
     m = M.image_metrics(img_a, sites, target="A", **kw).set_index("label")
     noise = 1.4826 * d
     assert np.allclose(m.background, 1.0) and np.allclose(m.noise, noise)
@@ -180,7 +180,8 @@ def test_known_answer_cnr_crosstalk_specificity():
     assert list(x.index) == ["A", "B"] and list(x.columns) == ["A", "B", "C"]
     np.testing.assert_allclose(x.to_numpy(), [[1.0, 0.25, -0.5], [1.5, 1.0, -0.25]])
     spec = M.specificity(x)
-    assert spec.loc["A", "specificity"] == pytest.approx(0.75)  # bright crosstalk only
+    assert spec.loc["A", "specificity"] == pytest.approx(0.75)  # 1 - max signed X (B)
+    assert spec.loc["A", "specificity_clipped"] == pytest.approx(0.75)
     assert spec.loc["A", "specificity_abs"] == pytest.approx(0.5)  # |dark C| counts here
     assert spec.loc["A", "max_dark_label"] == "C" and spec.loc["A", "max_bright_label"] == "B"
     assert spec.loc["B", "specificity"] == pytest.approx(-0.5)  # wrong column brighter: no clip
@@ -192,7 +193,8 @@ def test_known_answer_cnr_crosstalk_specificity():
 
 def test_failed_template_target_dark_and_errors():
     img, sites, step = _hand_image({"A": -3.0, "B": 1.0, "C": -2.0})
-    m = M.image_metrics(img, sites, step_A=step, radius_A=0.1, target="A").set_index("label")
+    m = M.image_metrics(img, sites, step_A=step, radius_A=0.1, target="A",
+                        baseline="median").set_index("label")
     assert not m.target_bright.any()
     np.testing.assert_allclose(m.crosstalk, [-1.0, 1 / 3, -2 / 3])
     np.testing.assert_allclose(m.relative, [-3.0, 1.0, -2.0])  # B is the brightest label
@@ -254,8 +256,16 @@ def test_background_robust_when_sites_cover_most_pixels():
     assert abs(bg - b) < 0.05
     assert 0.8 * sigma_n < noise < 1.4 * sigma_n
     assert abs(img.mean() - b) > 2 * abs(bg - b)  # the plain mean is pulled by the peaks
-    m = M.image_metrics(img, sites, step_A=step, radius_A=0.1, target="A").set_index("label")
+    m = M.image_metrics(img, sites, step_A=step, radius_A=0.1, target="A",
+                        baseline="median").set_index("label")
     assert m.loc["B", "crosstalk"] == pytest.approx(-1 / 3, abs=0.08)
+    # no pixel is 0.75 Å from every column: the interstitial background is an error, no guess
+    with pytest.raises(ValueError, match="background_distance_A"):
+        M.image_metrics(img, sites, step_A=step, radius_A=0.1, target="A",
+                        background_distance_A=0.75)
+    m = M.image_metrics(img, sites, step_A=step, radius_A=0.1, target="A",
+                        background_distance_A=0.6).set_index("label")
+    assert m.loc["B", "crosstalk"] < 0
 
 
 def test_non_square_steps_give_same_metrics_as_square_resampling():
@@ -281,7 +291,8 @@ def test_non_square_steps_give_same_metrics_as_square_resampling():
 
 def test_metrics_table_and_relative():
     img, sites, step = _hand_image({"A": 4.0, "B": 1.0, "C": -2.0})
-    tab = M.metrics_table({"abf_inv": img, "icom": 2 * img}, sites, step_A=step, radius_A=0.1)
+    tab = M.metrics_table({"abf_inv": img, "icom": 2 * img}, sites, step_A=step, radius_A=0.1,
+                          baseline="median")
     assert list(tab.image.unique()) == ["abf_inv", "icom"]
     assert "crosstalk" not in tab.columns
     icom = tab[tab.image == "icom"].set_index("label")
@@ -459,15 +470,118 @@ def test_many_sites_blocked_equals_one_by_one():
 def test_metric_definitions_markdown_exported():
     md = M.METRIC_DEFINITIONS
     assert md.startswith("## Metric definitions")
-    for key in ("specificity_abs", "1.4826", "Bright crosstalk", "dark contrast", "minmax"):
+    for key in ("specificity_abs", "1.4826", "interstitial", "specificity_median", "minmax"):
         assert key in md
 
 
 def test_specificity_from_metrics_matches_matrix():
     img, sites, step = _hand_image({"A": 4.0, "B": 1.0, "C": -2.0})
-    m = M.image_metrics(img, sites, step_A=step, radius_A=0.1, target="A")
+    m = M.image_metrics(img, sites, step_A=step, radius_A=0.1, target="A", baseline="median")
     d = M.specificity_from_metrics(m)
     assert d["specificity"] == pytest.approx(0.75) and d["specificity_abs"] == pytest.approx(0.5)
     assert d["target"] == "A" and d["target_bright"] and d["max_dark_label"] == "C"
     with pytest.raises(ValueError, match="target"):
         M.specificity_from_metrics(M.image_metrics(img, sites, step_A=step))
+
+
+# ---------------------------------------------------------------------------- interstitial baseline
+def naive_interstitial(shape, sites, step, origin, periodic, dist_A):
+    """Every pixel against every site (and, if periodic, its 8 neighbouring periodic images)."""
+    sy, sx = shape
+    per = (sy * step[0], sx * step[1])
+    imgs = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)] if periodic else [(0, 0)]
+    out = np.zeros(shape, bool)
+    for i in range(sy):
+        for j in range(sx):
+            y, x = origin[0] + i * step[0], origin[1] + j * step[1]
+            dmin = min(np.hypot(y - (r.y_A + a * per[0]), x - (r.x_A + b * per[1]))
+                       for r in sites.itertuples() for a, b in imgs)
+            out[i, j] = dmin >= dist_A
+    return out
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_interstitial_pixels_and_background_match_naive(periodic):
+    rng = np.random.default_rng(31)
+    origin = (-0.2, 0.35)
+    sites = _rand_sites(rng, n=5)
+    sites["y_A"] += origin[0]
+    sites["x_A"] += origin[1] + 0.9  # some sites near the right edge: wrap matters
+    img = rng.normal(size=SHAPE) + np.arange(SHAPE[1])[None] * 0.1  # asymmetric
+    far = M.interstitial_pixels(SHAPE, sites, step_A=STEP, origin_A=origin, periodic=periodic,
+                                min_distance_A=0.8)
+    ref = naive_interstitial(SHAPE, sites, STEP, origin, periodic, 0.8)
+    np.testing.assert_array_equal(far, ref)
+    assert 8 <= ref.sum() < ref.size  # the case is not trivial
+    bg, noise = M.background_noise(img, baseline="interstitial", interstitial=far)
+    assert bg == pytest.approx(img[ref].mean())
+    assert noise == pytest.approx(1.4826 * np.median(np.abs(img - np.median(img))))
+    reg = T.box_region(SHAPE, (0, 6), (0, 14))
+    bg_r, _ = M.background_noise(img, baseline="interstitial", interstitial=far, region=reg)
+    assert bg_r == pytest.approx(img[ref & reg].mean())
+    m = M.image_metrics(img, sites, step_A=STEP, origin_A=origin, periodic=periodic,
+                        background_distance_A=0.8, target="Li", with_median=True)
+    assert np.allclose(m.background, img[ref].mean())
+    assert np.allclose(m.background_median, np.median(img))
+    np.testing.assert_allclose(m.contrast, m.signal - img[ref].mean())
+    np.testing.assert_allclose(m.cnr_median, (m.signal - np.median(img)) / m.noise)
+    c_t = float(m.contrast[m.label == "Li"].iloc[0])
+    np.testing.assert_allclose(m.crosstalk, m.contrast / abs(c_t))
+    cm_t = float(m.contrast_median[m.label == "Li"].iloc[0])
+    np.testing.assert_allclose(m.crosstalk_median, m.contrast_median / abs(cm_t))
+    with pytest.raises(ValueError, match="baseline"):
+        M.background_noise(img, baseline="mode")
+    with pytest.raises(ValueError, match="interstitial"):
+        M.background_noise(img, baseline="interstitial")
+
+
+def _plateau_image():
+    """Columns on a 1.5 Å lattice: most pixels lie in the bright halo (0.7 Å disc) of a target
+    column A, so the image MEDIAN is the halo level c + 0.5, not the empty-space level c.
+    Site pixels: A = c + 1, B = c + 0.3 (a real, weaker bright column), C = c - 1 (dark).
+    True crosstalk over empty space: X[A, B] = 0.3, X[A, C] = -1 -> specificity 0.7."""
+    c, step, shape = 2.0, (0.25, 0.25), (24, 30)
+    pts = [(0.75 + 1.5 * i, 0.75 + 1.5 * j) for i in range(4) for j in range(5)]
+    labels = ["A"] * len(pts)
+    labels[6], labels[13] = "B", "C"
+    sites = pd.DataFrame({"label": labels, "y_A": [p[0] for p in pts],
+                          "x_A": [p[1] for p in pts]})
+    yy, xx = np.meshgrid(np.arange(shape[0]) * step[0], np.arange(shape[1]) * step[1],
+                         indexing="ij")
+    img = np.full(shape, c) + np.random.default_rng(5).normal(scale=1e-3, size=shape)
+    amp = {"A": 1.0, "B": 0.3, "C": -1.0}
+    for r in sites.itertuples():
+        d = np.hypot(yy - r.y_A, xx - r.x_A)
+        if r.label == "A":
+            img[(d < 0.7) & (d > 1e-9)] = c + 0.5
+        img[d < 1e-9] = c + amp[r.label]
+    return img, sites, step
+
+
+def test_interstitial_baseline_does_not_saturate_where_the_median_did():
+    img, sites, step = _plateau_image()
+    assert np.median(img) == pytest.approx(2.5, abs=0.01)  # the typical pixel is halo
+    m_new = M.image_metrics(img, sites, step_A=step, radius_A=0.05, target="A",
+                            with_median=True)
+    d_new = M.specificity_from_metrics(m_new)
+    m_old = M.image_metrics(img, sites, step_A=step, radius_A=0.05, target="A",
+                            baseline="median")
+    d_old = M.specificity_from_metrics(m_old)
+    # the old metric: every wrong column is below the median -> clipped to exactly 1.00
+    assert d_old["specificity_clipped"] == 1.0
+    # the true value (B adds 0.3 of what A adds over empty space) is found
+    assert d_new["specificity"] == pytest.approx(0.7, abs=0.01)
+    x = m_new.set_index("label")["crosstalk"]
+    assert x["B"] == pytest.approx(0.3, abs=0.01) and x["C"] == pytest.approx(-1.0, abs=0.01)
+    # the *_median columns reproduce the old numbers
+    np.testing.assert_allclose(m_new.crosstalk_median, m_old.crosstalk)
+    assert m_new.background.iloc[0] == pytest.approx(2.0, abs=1e-3)
+
+
+def test_specificity_is_not_clipped_above_one():
+    """Every wrong column darker than empty space: specificity > 1, the clipped one = 1."""
+    x = pd.DataFrame([[1.0, -0.2, -0.5]], index=["A"], columns=["A", "B", "C"])
+    s = M.specificity(x)
+    assert s.loc["A", "specificity"] == pytest.approx(1.2)
+    assert s.loc["A", "specificity_clipped"] == 1.0
+    assert s.loc["A", "specificity_abs"] == pytest.approx(0.5)

@@ -435,3 +435,48 @@ def test_probe_soft_edge_profile():
     sel = k < 30
     assert np.allclose(row[sel], amp[sel] ** 2, atol=1e-5)
     assert row[(k > 21) & (k < 22)].max() < 0.5  # really tapered, not a one-pixel edge
+
+
+# ------------------------------------------------------------------------------ evidence variants
+def test_variant_shares_phonon_displacements_with_its_partner(setup, cfg):
+    """A species-removed control and its partner: same seed, and every shared atom at the SAME
+    displaced position (the full crystal is displaced first, then atoms are removed)."""
+    from tmask_validate import structures as st
+
+    rms = cfg["simulation"]["phonons"]["rms_displacement_A"]
+    atoms = setup["atoms"]
+    seed = S.phonon_seed(int(cfg["seed"]), STRUCT, 0)
+    keep = st.species_keep_mask(atoms, "Li", 0.0, seed=0)
+    assert 0 < (~keep).sum() < len(atoms)
+    partner = S.variant_configuration(atoms, np.ones(len(atoms), bool), rms, seed)
+    control = S.variant_configuration(atoms, keep, rms, seed)
+    assert np.array_equal(partner.positions, S.displaced_atoms(atoms, rms, seed).positions)
+    assert len(control) == keep.sum()
+    assert control.get_chemical_symbols() == [s for s, k in zip(
+        partner.get_chemical_symbols(), keep, strict=True) if k]
+    assert np.array_equal(control.positions, partner.positions[keep])
+    assert "Li" not in control.get_chemical_symbols()
+    # what the naive way (displace the reduced crystal) would give: other draws for shared atoms
+    naive = S.displaced_atoms(atoms[keep], rms, seed)
+    assert not np.allclose(naive.positions, partner.positions[keep])
+    # a partial-occupancy variant shares them too
+    half = st.species_keep_mask(atoms, "Li", 0.5, seed=3)
+    assert np.array_equal(S.variant_configuration(atoms, half, rms, seed).positions,
+                          partner.positions[half])
+    with pytest.raises(ValueError, match="keep must be"):
+        S.variant_configuration(atoms, keep[:-1], rms, seed)
+
+
+def test_variant_setup_thickness_and_occupancy(cfg):
+    var = {"name": "Li-x0.5", "species": "Li", "occupancy": 0.5, "thicknesses_nm": [2.0],
+           "seed": 5, "mode": "depth"}
+    st_v = S._structure_setup(cfg, STRUCT, var)
+    st_0 = S._structure_setup(cfg, STRUCT, dict(var, species=None))
+    assert np.array_equal(st_v["atoms"].positions, st_0["atoms"].positions)
+    assert st_v["atoms"].info["n_repeats_z"] == 4  # 2 nm of 4.69 Å periods
+    sym = np.array(st_v["atoms"].get_chemical_symbols())
+    li = sym == "Li"
+    assert st_v["keep"][li].mean() == pytest.approx(0.5)
+    assert st_v["keep"][~li].all() and st_0["keep"].all()
+    assert st_v["occupancy_realised"] == [pytest.approx(0.5)]
+    assert st_v["planes"] == (7,) and len(st_v["slices"]) == 8

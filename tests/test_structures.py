@@ -458,3 +458,41 @@ def test_structures_schema_defaults_and_rejections():
     for entry in bad_entries:
         with pytest.raises(ValueError, match="structures"):
             validate_config(_cfg({"X": entry}))
+
+
+def test_species_keep_mask_removes_only_that_column_type():
+    a = S.lifepo4(thickness_nm=4, repeats=(1, 2))
+    sym = np.array(a.get_chemical_symbols())
+    col, lab = S.atom_columns(a)
+    assert set(lab.tolist()) == {"Li", "Fe", "P+O", "O"}
+    assert set(sym[lab == "P+O"].tolist()) == {"P", "O"}
+    assert np.all(S.species_keep_mask(a, "Li", 1.0, seed=0))
+    k0 = S.species_keep_mask(a, "Li", 0.0, seed=0)
+    assert np.array_equal(~k0, sym == "Li")
+    ko = S.species_keep_mask(a, "O", 0.0, seed=0)
+    nz = a.info["n_repeats_z"]
+    # only the pure O columns go; the O of the P+O columns (4 per cell and period) stay
+    assert np.array_equal(~ko, lab == "O") and (sym[ko] == "O").sum() == 4 * 2 * nz
+    # depth mode: every Li column keeps exactly half of its periods (blocks of 2 periods)
+    k = S.species_keep_mask(a, "Li", 0.5, seed=1)
+    for c in np.unique(col[lab == "Li"]):
+        members = col == c
+        assert members.sum() == nz
+        assert k[members].sum() == nz // 2
+    assert np.array_equal(k, S.species_keep_mask(a, "Li", 0.5, seed=1))
+    assert not np.array_equal(k, S.species_keep_mask(a, "Li", 0.5, seed=2))
+    assert np.all(k[sym != "Li"])
+    # columns mode: occupancy varies from column to column around the mean
+    b = S.lifepo4(thickness_nm=20, repeats=(2, 2))
+    kc = S.species_keep_mask(b, "Li", 0.5, seed=1, mode="columns")
+    cb, lb = S.atom_columns(b)
+    occ = [kc[cb == c].mean() for c in np.unique(cb[lb == "Li"])]
+    assert np.std(occ) > 0.02 and abs(np.mean(occ) - 0.5) < 0.1
+    # Ti+O columns of PbTiO3 lose both elements
+    p = S.pbtio3(thickness_nm=2)
+    kp = S.species_keep_mask(p, "Ti+O", 0.0, seed=0)
+    assert sorted(set(np.array(p.get_chemical_symbols())[~kp].tolist())) == ["O", "Ti"]
+    with pytest.raises(ValueError, match="no column labelled"):
+        S.species_keep_mask(a, "Ti", 0.0, seed=0)
+    with pytest.raises(ValueError, match="occupancy"):
+        S.species_keep_mask(a, "Li", 1.5, seed=0)

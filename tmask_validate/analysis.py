@@ -35,11 +35,14 @@ each entry). :func:`dataset_metrics` turns it into a tidy metrics table with
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,6 +53,9 @@ from tmask_validate import core, templates
 from tmask_validate.calibration import Calibration
 
 __all__ = [
+    "Entry",
+    "ScanSites",
+    "entries",
     "analysis_options",
     "analyse_dataset",
     "dataset_metrics",
@@ -91,12 +97,119 @@ _NAME_COORDS = {
     "inner_mrad": 0.0,
     "outer_mrad": 0.0,
     "has_mask": True,
+    # name of the entry this one is compared with (partial / split-half masks and templates vs
+    # the full-scan entry of the same template; eigen vs adf); "" = none
+    "reference": "",
+    "control": "",  # wrong-site control: "random" | "shift" | ""
+    "control_of": "",  # label whose sites a "shift" control moved
 }
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One analysis entry (image, mask, template) described by typed fields, so that no module
+    has to read meaning out of its ``name``. Read them back with :func:`entries`."""
+
+    name: str
+    family: str
+    label: str = ""
+    template_kind: str = ""
+    sigma_A: float = 0.0
+    normalisation: str = ""
+    region: str = "full"
+    eval_region: str = "full"
+    polarity: float = 1.0
+    inner_mrad: float = 0.0
+    outer_mrad: float = 0.0
+    has_mask: bool = True
+    reference: str = ""
+    control: str = ""
+    control_of: str = ""
+
+    @property
+    def control_key(self) -> str:
+        """Key of the control site table (:func:`control_tables`) of a control entry."""
+        return "random" if self.control == "random" else f"shift_{self.control_of}"
+
+
+def entries(ads: xr.Dataset) -> list[Entry]:
+    """The :class:`Entry` of every ``name`` of an analysed dataset (older files: missing
+    fields take their defaults)."""
+    names = [str(n) for n in ads["name"].values]
+    cols = {k: (ads[k].values if k in ads.coords else None) for k in _NAME_COORDS}
+    out = []
+    for i, name in enumerate(names):
+        kw = {}
+        for k, fill in _NAME_COORDS.items():
+            v = cols[k][i].item() if cols[k] is not None else fill
+            kw[k] = type(fill)(v) if not isinstance(fill, bool) else bool(v)
+        if cols["reference"] is None:  # written before the entry fields existed
+            kw.update(_legacy_fields(name, kw["family"], set(names)))
+        out.append(Entry(name=name, **kw))
+    return out
+
+
+def _legacy_fields(name: str, family: str, names: set[str]) -> dict[str, str]:
+    """reference / control fields of an entry of an analysis file written before they were
+    stored (the naming rules of that version; only used to read such files)."""
+    out: dict[str, str] = {}
+    if family in ("control", "half_control"):
+        if "_random_" in name:
+            out.update(control="random")
+        else:
+            out.update(control="shift", control_of=name.rsplit("_", 1)[-1])
+    if family == "half":
+        out["reference"] = "tm_" + name[len("half_"):]
+    elif family == "half_control":
+        out["reference"] = name[len("half_"):]
+    elif family == "partial":
+        rest = name[len("partial_"):]
+        out["reference"] = ("partialref_" + rest) if "partialref_" + rest in names else (
+            "tm_" + rest)
+    elif family == "eigen":
+        out["reference"] = "adf"
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # options
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ScanSites:
+    """A site table validated once, carried with the scan geometry it is expressed in (Å;
+    pixel ``[0, 0]`` at ``origin_A``). Build it with :meth:`of`; helpers take it instead of
+    ``sites, scan_shape, step_A=..., origin_A=..., periodic=...``."""
+
+    sites: pd.DataFrame
+    scan_shape: tuple[int, int]
+    step_A: tuple[float, float]
+    origin_A: tuple[float, float] = (0.0, 0.0)
+    periodic: bool = False
+
+    @classmethod
+    def of(cls, sites: pd.DataFrame, scan_shape: Sequence[int], *, step_A,
+           origin_A=(0.0, 0.0), periodic: bool = False) -> ScanSites:
+        """Validate ``sites`` (:func:`tmask_validate.templates.validate_sites`) and the
+        geometry once."""
+        sy, sx = (int(v) for v in scan_shape)
+        return cls(templates.validate_sites(sites), (sy, sx),
+                   templates.as_pair(step_A, "step_A"),
+                   templates.as_pair(origin_A, "origin_A", positive=False), bool(periodic))
+
+    @property
+    def geometry(self) -> dict[str, Any]:
+        """``step_A``, ``origin_A``, ``periodic`` as keywords for templates / metrics."""
+        return {"step_A": self.step_A, "origin_A": self.origin_A, "periodic": self.periodic}
+
+    @functools.cached_property
+    def yx_px(self) -> np.ndarray:
+        """Sub-pixel site positions ``(n, 2)`` (``templates.sites_to_pixels``)."""
+        return templates.sites_to_pixels(self.sites, self.step_A, self.origin_A)
+
+    def with_periodic(self, periodic: bool) -> ScanSites:
+        return dataclasses.replace(self, periodic=bool(periodic))
+
+
 def analysis_options(overrides: Mapping[str, Any] | None = None) -> dict:
     """Analysis options: the ``analysis`` config section with every default filled in.
 
@@ -176,10 +289,6 @@ def lightest_label(sites: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------------------------
 # geometry helpers
 # ----------------------------------------------------------------------------------------------
-def _site_px(sites: pd.DataFrame, step_A, origin_A) -> np.ndarray:
-    return templates.sites_to_pixels(sites, step_A, origin_A)
-
-
 def _count_in_region(yx_px: np.ndarray, region: np.ndarray, periodic: bool) -> np.ndarray:
     """Per-site flag: nearest pixel inside ``region``."""
     sy, sx = region.shape
@@ -213,12 +322,18 @@ def partial_window(
     -------
     numpy.ndarray of bool, shape ``scan_shape``
     """
-    sy, sx = (int(v) for v in scan_shape)
+    return _partial_window(ScanSites.of(sites, scan_shape, step_A=step_A, origin_A=origin_A,
+                                        periodic=periodic), fraction)
+
+
+def _partial_window(scan: ScanSites, fraction: float) -> np.ndarray:
+    sy, sx = scan.scan_shape
+    periodic = scan.periodic
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     wy, wx = max(1, round(sy * fraction)), max(1, round(sx * fraction))
-    s = templates.validate_sites(sites)
-    yx = _site_px(s, step_A, origin_A)
+    s = scan.sites
+    yx = scan.yx_px
     labels = s["label"].to_numpy()
     uniq = list(dict.fromkeys(labels))
     domains = s["domain"].to_numpy() if "domain" in s else None
@@ -281,10 +396,18 @@ def control_sites(
     too few pixels qualify); ``shift_<label>`` is the label's sites moved by the shift vector (on
     a 1/20-cell grid) that maximises their smallest distance from every real column.
     """
-    s = templates.validate_sites(sites)
-    sy, sx = (int(v) for v in scan_shape)
-    step = np.asarray(templates.as_pair(step_A, "step_A"))
-    origin = np.asarray(templates.as_pair(origin_A, "origin_A", positive=False))
+    return _control_sites(ScanSites.of(sites, scan_shape, step_A=step_A, origin_A=origin_A,
+                                       periodic=periodic), n_random=n_random,
+                          min_distance_A=min_distance_A, seed=seed)
+
+
+def _control_sites(scan: ScanSites, *, n_random: int | None, min_distance_A: float,
+                   seed: int) -> dict[str, pd.DataFrame]:
+    s = scan.sites
+    sy, sx = scan.scan_shape
+    periodic = scan.periodic
+    step = np.asarray(scan.step_A)
+    origin = np.asarray(scan.origin_A)
     period = step * (sy, sx) if periodic else None
     real = s[["y_A", "x_A"]].to_numpy(float)
     rng = np.random.default_rng(seed)
@@ -455,33 +578,31 @@ def _covers_one_cell(scan_shape, step_A, cell_A) -> bool:
                                                                   strict=True))
 
 
-def _template_sets(sites, scan_shape, *, step_A, origin_A, periodic, opts, region=None,
-                   kinds=None, sigmas=None):
+def _template_sets(scan: ScanSites, *, opts, region=None, kinds=None, sigmas=None):
     """``[(kind_tag, kind, sigma_A, {label: template})]`` for the configured template kinds."""
     topt = opts["templates"]
     kinds = list(kinds or topt["kinds"])
     sigmas = list(sigmas if sigmas is not None else topt["gaussian_sigma_A"])
     out = []
-    common = dict(step_A=step_A, origin_A=origin_A, periodic=periodic, region=region)
+    common = dict(**scan.geometry, region=region)
     for kind in kinds:
         if kind == "gaussian":
             for sig in sigmas:
                 out.append((_sigma_tag(sig), "gaussian", float(sig),
-                            _safe_templates(sites, scan_shape, kind="gaussian", sigma_A=sig,
-                                            **common)))
+                            _safe_templates(scan, kind="gaussian", sigma_A=sig, **common)))
         elif kind == "disc":
             out.append(("disc", "disc", 0.0,
-                        _safe_templates(sites, scan_shape, kind="disc",
-                                        radius_A=topt["disc_radius_A"], **common)))
+                        _safe_templates(scan, kind="disc", radius_A=topt["disc_radius_A"],
+                                        **common)))
         else:
             out.append(("binary", "binary", 0.0,
-                        _safe_templates(sites, scan_shape, kind="binary", **common)))
+                        _safe_templates(scan, kind="binary", **common)))
     return out
 
 
-def _safe_templates(sites, scan_shape, **kw) -> dict[str, np.ndarray]:
+def _safe_templates(scan: ScanSites, **kw) -> dict[str, np.ndarray]:
     """species_templates, one label at a time, skipping labels that give no usable template."""
-    s = templates.validate_sites(sites)
+    s, scan_shape = scan.sites, scan.scan_shape
     out = {}
     labels = list(dict.fromkeys(s["label"]))
     for lab in labels + ["all"]:
@@ -498,23 +619,31 @@ def _safe_templates(sites, scan_shape, **kw) -> dict[str, np.ndarray]:
     return out
 
 
-def _control_templates(ctl_sites, scan_shape, *, step_A, origin_A, periodic, kind, sigma_A,
-                       radius_A, region=None) -> dict[str, np.ndarray]:
+def _control_templates(ctl_sites, scan: ScanSites, *, kind, sigma_A, radius_A,
+                       region=None) -> dict[str, np.ndarray]:
     out = {}
+    step = scan.step_A
     for key, tab in ctl_sites.items():
         if len(tab) == 0:
             continue
         try:
-            yx = templates.sites_to_pixels(tab, step_A, origin_A)
-            step = templates.as_pair(step_A, "step_A")
+            yx = templates.sites_to_pixels(tab, step, scan.origin_A)
             out[key] = templates.make_template(
-                yx, scan_shape, kind=kind, periodic=periodic, region=region,
+                yx, scan.scan_shape, kind=kind, periodic=scan.periodic, region=region,
                 sigma_px=None if sigma_A is None else (sigma_A / step[0], sigma_A / step[1]),
                 radius_px=None if radius_A is None else (radius_A / step[0], radius_A / step[1]),
             )
         except ValueError as exc:
             warnings.warn(f"control template {key!r} skipped: {exc}", stacklevel=2)
     return out
+
+
+def _control_fields(key: str) -> dict[str, str]:
+    """Entry fields of the control built from control site table ``key`` ("random",
+    "shift_<label>"; the keys :func:`control_sites` returns)."""
+    if key == "random":
+        return {"control": "random", "control_of": ""}
+    return {"control": "shift", "control_of": key[len("shift_"):]}
 
 
 def _stack(named: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
@@ -595,9 +724,11 @@ def analyse_dataset(
     if len(shape) != 4:
         raise ValueError(f"data must be 4D [scan_y, scan_x, ky, kx], got shape {shape}")
     scan_shape, det_shape = shape[:2], shape[2:]
-    sites = templates.validate_sites(sites)
     step_A = calibration.step_A
     origin_A = tuple(float(v) for v in origin_A)
+    # the site table is validated once and carried with its scan geometry from here on
+    scan = ScanSites.of(sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=periodic)
+    sites = scan.sites
     notes: list[str] = []
 
     # ---- pass: column statistics (shared by every normalised image) ----
@@ -661,8 +792,7 @@ def analyse_dataset(
     best_name, best_cnr = "abf", -np.inf
     radius_A = opts["metrics"]["radius_A"]
     for name in ["abf", *[n for n in sweep if n in vimgs]]:
-        c = _cnr(-np.asarray(vimgs[name], float), sites, target, step_A=step_A,
-                 origin_A=origin_A, radius_A=radius_A, periodic=periodic)
+        c = _cnr(-np.asarray(vimgs[name], float), scan, target, radius_A=radius_A)
         if c > best_cnr:
             best_name, best_cnr = name, c
     inner, outer = all_dets[best_name]
@@ -691,11 +821,10 @@ def analyse_dataset(
     eig_img, eig_mask = np.asarray(eig_img, float), np.asarray(eig_mask, float)
     if _pearson(eig_img, adf) < 0:
         eig_img, eig_mask = -eig_img, -eig_mask
-    col.add("eigen", eig_img, eig_mask, family="eigen", normalisation="pcc")
+    col.add("eigen", eig_img, eig_mask, family="eigen", normalisation="pcc", reference="adf")
 
     # ---- template stacks: full-scan templates (+ ADF image + controls) ----
-    tsets = _template_sets(sites, scan_shape, step_A=step_A, origin_A=origin_A,
-                           periodic=periodic, opts=opts)
+    tsets = _template_sets(scan, opts=opts)
     sig_list = opts["templates"]["gaussian_sigma_A"]
     ref_sigma = opts["templates"]["reference_sigma_A"]
     if ref_sigma is None:
@@ -710,17 +839,15 @@ def analyse_dataset(
     copt = opts["controls"]
     ctl = {}
     if copt["enabled"]:
-        ctl = control_sites(sites, scan_shape, step_A=step_A, origin_A=origin_A,
-                            periodic=periodic, n_random=copt["n_random"],
-                            min_distance_A=copt["min_distance_A"], seed=copt["seed"])
+        ctl = _control_sites(scan, n_random=copt["n_random"],
+                             min_distance_A=copt["min_distance_A"], seed=copt["seed"])
         for tag, kind, sig in ref_kinds:
-            ct = _control_templates(ctl, scan_shape, step_A=step_A, origin_A=origin_A,
-                                    periodic=periodic, kind=kind, sigma_A=sig, radius_A=None)
+            ct = _control_templates(ctl, scan, kind=kind, sigma_A=sig, radius_A=None)
             for key, t in ct.items():
                 full.append((f"ctl_{key.split('_')[0]}_{{norm}}_{tag}"
                              + (f"_{key[6:]}" if key.startswith("shift_") else ""), t,
                              dict(family="control", label="fake", template_kind=kind,
-                                  sigma_A=sig or 0.0)))
+                                  sigma_A=sig or 0.0, **_control_fields(key))))
     _run_stack(data, stats, col, full, opts, region_name="full", region=None, valids=valids)
 
     # ---- partial templates (mask from a 1/9 window, image everywhere) ----
@@ -734,26 +861,22 @@ def analyse_dataset(
                      "noise on a tiled field is impossible; 1/9 window of the one-cell scan used")
         tiled = False
     if tiled:
-        _partial_tiled(data, stats, col, sites, opts, valids=valids, cell_A=cell_A,
-                       step_A=step_A, origin_A=origin_A, ref_sigma=ref_sigma,
-                       noiseless=noiseless, dose=dose, notes=notes)
+        _partial_tiled(data, stats, col, scan, opts, valids=valids, cell_A=cell_A,
+                       ref_sigma=ref_sigma, noiseless=noiseless, dose=dose, notes=notes)
     elif popt["enabled"]:
         if partial_region is not None:
             reg = templates.check_region(partial_region, scan_shape)
         else:
-            reg = partial_window(sites, scan_shape, step_A=step_A, origin_A=origin_A,
-                                 fraction=popt["fraction"], periodic=periodic)
+            reg = _partial_window(scan, popt["fraction"])
         regions["partial"] = reg
         part = []
         for tag, kind, sig, tdict in _template_sets(
-                sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=periodic,
-                opts=opts, region=reg, kinds=["binary", "gaussian"], sigmas=[ref_sigma]):
+                scan, opts=opts, region=reg, kinds=["binary", "gaussian"], sigmas=[ref_sigma]):
             for lab, t in tdict.items():
                 part.append((f"partial_{{norm}}_{tag}_{lab}", t,
                              dict(family="partial", label=lab, template_kind=kind,
-                                  sigma_A=sig)))
-        _run_stack(data, stats, col, part, opts, region_name="partial", region=reg,
-                   valids=valids)
+                                  sigma_A=sig, reference=f"tm_{{norm}}_{tag}_{lab}")))
+        _run_stack(data, stats, col, part, opts, region_name="partial", region=reg, valids=valids)
 
     # ---- split-half: masks from the top half, metrics on the bottom half ----
     if copt["enabled"] and scan_shape[0] >= 4:
@@ -762,21 +885,22 @@ def analyse_dataset(
         regions["top_half"] = top
         half = []
         for tag, kind, sig, tdict in _template_sets(
-                sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=periodic,
-                opts=opts, region=top, kinds=["binary", "gaussian"], sigmas=[ref_sigma]):
+                scan, opts=opts, region=top, kinds=["binary", "gaussian"], sigmas=[ref_sigma]):
             for lab, t in tdict.items():
                 half.append((f"half_{{norm}}_{tag}_{lab}", t,
                              dict(family="half", label=lab, template_kind=kind, sigma_A=sig,
-                                  eval_region="bottom_half")))
+                                  eval_region="bottom_half",
+                                  reference=f"tm_{{norm}}_{tag}_{lab}")))
         for tag, kind, sig in ref_kinds:
-            ct = _control_templates(ctl, scan_shape, step_A=step_A, origin_A=origin_A,
-                                    periodic=periodic, kind=kind, sigma_A=sig, radius_A=None,
+            ct = _control_templates(ctl, scan, kind=kind, sigma_A=sig, radius_A=None,
                                     region=top)
             for key, t in ct.items():
-                half.append((f"half_ctl_{key.split('_')[0]}_{{norm}}_{tag}"
-                             + (f"_{key[6:]}" if key.startswith("shift_") else ""), t,
+                ref = (f"ctl_{key.split('_')[0]}_{{norm}}_{tag}"
+                       + (f"_{key[6:]}" if key.startswith("shift_") else ""))
+                half.append(("half_" + ref, t,
                              dict(family="half_control", label="fake", template_kind=kind,
-                                  sigma_A=sig or 0.0, eval_region="bottom_half")))
+                                  sigma_A=sig or 0.0, eval_region="bottom_half",
+                                  reference=ref, **_control_fields(key))))
         _run_stack(data, stats, col, half, opts, region_name="top_half", region=top,
                    valids=valids)
 
@@ -798,11 +922,12 @@ def analyse_dataset(
     )
 
 
-def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valids, cell_A, step_A,
-                   origin_A, ref_sigma, noiseless, dose, notes) -> None:
+def _partial_tiled(data, stats, col: _Collector, scan: ScanSites, opts, *, valids, cell_A,
+                   ref_sigma, noiseless, dose, notes) -> None:
     """Partial templates of a periodic one-cell scan, evaluated on a tiled multi-cell field."""
     from tmask_validate import noise
 
+    sites, step_A = scan.sites, scan.step_A
     popt = opts["partial"]
     cells = tuple(int(v) for v in popt["tile_cells"])
     scan_shape = tuple(int(v) for v in data.shape[:2])
@@ -830,8 +955,8 @@ def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valids, cell_A,
     # field templates = the one-cell templates tiled (exactly periodic: building them from the
     # tiled site table would round half-pixel sites differently in different cells), zero
     # outside the window for the partial ones (templates.make_template(region=...) semantics)
-    one = _template_sets(sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=True,
-                         opts=opts, kinds=["binary", "gaussian"], sigmas=[ref_sigma])
+    one = _template_sets(scan.with_periodic(True), opts=opts, kinds=["binary", "gaussian"],
+                         sigmas=[ref_sigma])
     entries = []
     for tag, kind, sig, td in one:
         for lab, t1 in td.items():
@@ -857,7 +982,8 @@ def _partial_tiled(data, stats, col: _Collector, sites, opts, *, valids, cell_A,
         for i, (tag, kind, sig, lab, _, _, t1) in enumerate(entries):
             c = dict(family="partial", label=lab, template_kind=kind, sigma_A=sig)
             col.add(f"partial_{norm}_{tag}_{lab}", imgs[i], m_part[i], template=t1,
-                    normalisation=norm, region="partial_tiled", **c)
+                    normalisation=norm, region="partial_tiled",
+                    reference=f"partialref_{norm}_{tag}_{lab}", **c)
             col.add(f"partialref_{norm}_{tag}_{lab}", imgs[len(entries) + i], m_full[i],
                     template=t1, normalisation=norm, region="tiled_full",
                     **{**c, "family": "partial_ref"})
@@ -881,22 +1007,23 @@ def _run_stack(data, stats, col: _Collector, entries, opts, *, region_name, regi
         if imgs.ndim == 2:
             imgs = imgs[None]
         for i, (name, t, coords) in enumerate(entries):
-            if name == "adf_pcc" and norm != "pcc":
+            if coords.get("family") == "adf_pcc" and norm != "pcc":
                 continue
             nm = name.replace("{norm}", norm)
-            if not nm.startswith(("partial_", "half_", "ctl_", "adf_pcc")):
+            if coords.get("family") == "template":  # full-scan species templates: tm_<...>
                 nm = "tm_" + nm
+            c = {k: (v.replace("{norm}", norm) if isinstance(v, str) else v)
+                 for k, v in coords.items()}
             col.add(nm, imgs[i], masks[i], template=t, normalisation=norm, region=region_name,
-                    **coords)
+                    **c)
 
 
-def _cnr(image, sites, label, *, step_A, origin_A, radius_A, periodic) -> float:
+def _cnr(image, scan: ScanSites, label, *, radius_A) -> float:
     """CNR of the ``label`` columns in ``image`` (:func:`tmask_validate.metrics.image_metrics`)."""
     from tmask_validate import metrics
 
     try:
-        tab = metrics.image_metrics(image, sites, step_A=step_A, origin_A=origin_A,
-                                    radius_A=radius_A, periodic=periodic)
+        tab = metrics.image_metrics(image, scan.sites, radius_A=radius_A, **scan.geometry)
     except ValueError:
         return -np.inf
     sel = tab.loc[tab["label"] == label, "cnr"]
@@ -986,8 +1113,10 @@ def _eval_region(name: str, scan_shape) -> np.ndarray | None:
 #: families whose image was made from a template (template_pcc = Pearson(image, template))
 _TEMPLATE_FAMILIES = ("template", "partial", "half", "control", "half_control", "adf_pcc")
 
-#: per-label columns of metrics.image_metrics copied into the tidy table
-_PER_LABEL = ("signal", "contrast", "cnr", "relative", "crosstalk", "bright", "dark")
+#: per-label columns of metrics.image_metrics copied into the tidy table (``*_median``: the same
+#: with the old median baseline, kept beside the interstitial one)
+_PER_LABEL = ("signal", "contrast", "cnr", "relative", "crosstalk", "bright", "dark",
+              "contrast_median", "cnr_median", "crosstalk_median")
 
 
 def dataset_metrics(
@@ -1002,13 +1131,20 @@ def dataset_metrics(
     For every image (multiplied by its ``polarity``: BF/ABF images are inverted so columns are
     bright) :func:`tmask_validate.metrics.image_metrics` is evaluated against the real site table
     (controls: real sites plus the control's ``fake`` sites, target ``fake``); split-half
-    entries are evaluated on the bottom half of the scan only (``region``). Rows:
+    entries are evaluated on the bottom half of the scan only (``region``). The background is
+    the interstitial one (pixels >= ``metrics.BACKGROUND_DISTANCE_A`` from every real column;
+    see "Background" in :mod:`tmask_validate.metrics`); ``*_median`` rows repeat the
+    baseline-dependent metrics with the old median background. Rows:
 
-    - per species: ``signal``, ``contrast``, ``cnr``, ``relative`` and, for images made with a
-      single-label template, ``crosstalk`` X[A, B], ``bright``, ``dark``;
+    - per species: ``signal``, ``contrast``, ``cnr``, ``relative``, ``contrast_median``,
+      ``cnr_median`` and, for images made with a single-label template, the full signed
+      crosstalk vector ``crosstalk`` X[A, B] (one row per species B), ``crosstalk_median``,
+      ``bright``, ``dark``;
     - per image with a single-label target (species = target): ``specificity``
-      (1 - max_{B != A} max(X[A, B], 0)), ``specificity_abs`` (1 - max_{B != A} |X[A, B]|) and
-      ``target_bright`` (1 if the target columns are brighter than the background);
+      (1 - max_{B != A} X[A, B], signed, not clipped), ``specificity_abs``
+      (1 - max_{B != A} |X[A, B]|), ``target_bright`` (1 if the target columns are brighter
+      than the background), and the old metric ``specificity_median`` (median background,
+      1 - max_{B != A} max(X^med[A, B], 0)) with ``target_bright_median``;
     - ``template_pcc`` (species = target or "all"): Pearson correlation of the output image with
       its input template over the evaluation region - how far the output just reproduces the
       template. Wrong-site controls with a high value would reveal template bias;
@@ -1027,7 +1163,6 @@ def dataset_metrics(
 
     if sites is None:
         sites = sites_from_dataset(ads)
-    sites = templates.validate_sites(sites)
     opts = json.loads(ads.attrs["options"])
     radius_A = float(radius_A if radius_A is not None else opts["metrics"]["radius_A"])
     cal = json.loads(ads.attrs["calibration"])
@@ -1037,31 +1172,31 @@ def dataset_metrics(
     info = {**json.loads(ads.attrs.get("meta", "{}")), **dict(meta or {})}
     ctl = control_tables(ads)
     rows: list[dict] = []
-    names = [str(n) for n in ads["name"].values]
+    ents = entries(ads)
+    names = [e.name for e in ents]
     scan_shape = ads["images"].shape[1:]
-    coord_vals = {k: ads[k].values for k in _NAME_COORDS}
+    scan = ScanSites.of(sites, scan_shape, step_A=step_A, origin_A=origin_A, periodic=periodic)
+    sites = scan.sites
+    far = metrics.interstitial_pixels(scan_shape, sites, **scan.geometry)
     images_all = ads["images"].values
-    for i, name in enumerate(names):
-        c = {k: coord_vals[k][i].item() for k in _NAME_COORDS}
-        base = {"name": name, "family": c["family"], "target": c["label"],
-                "template_kind": c["template_kind"], "sigma_A": float(c["sigma_A"]),
-                "normalisation": c["normalisation"], "region": c["region"],
-                "eval_region": c["eval_region"]}
-        image = images_all[i].astype(np.float64) * float(c["polarity"])
-        s_eval, target = sites, (c["label"] or None)
-        if c["family"] in ("control", "half_control"):
-            key = "random" if "_random_" in name else "shift_" + name.rsplit("_", 1)[-1]
-            if key not in ctl:
+    for i, e in enumerate(ents):
+        name = e.name
+        base = _base_row(e)
+        image = images_all[i].astype(np.float64) * float(e.polarity)
+        s_eval, target = sites, (e.label or None)
+        if e.family in ("control", "half_control"):
+            if e.control_key not in ctl:
                 continue
-            s_eval = pd.concat([sites[["label", "y_A", "x_A"]], ctl[key]], ignore_index=True)
+            s_eval = pd.concat([sites[["label", "y_A", "x_A"]], ctl[e.control_key]],
+                               ignore_index=True)
             target = "fake"
-        if target == "all" or c["family"] in ("abf_best",):
+        if target == "all" or e.family in ("abf_best",):
             target = None
-        region = _eval_region(c["eval_region"], scan_shape)
+        region = _eval_region(e.eval_region, scan_shape)
         try:
-            tab = metrics.image_metrics(image, s_eval, step_A=step_A, origin_A=origin_A,
-                                        radius_A=radius_A, periodic=periodic, region=region,
-                                        target=target, name=name)
+            tab = metrics.image_metrics(image, s_eval, radius_A=radius_A, region=region,
+                                        target=target, name=name, interstitial=far,
+                                        with_median=True, **scan.geometry)
         except ValueError as exc:
             warnings.warn(f"metrics for {name} skipped: {exc}", stacklevel=2)
             continue
@@ -1072,42 +1207,43 @@ def dataset_metrics(
                 rows.extend({**base, "metric": m, "species": lab, "value": float(v)}
                             for lab, v in zip(labels_, vals, strict=True))
         tmpl = ads["templates"].values[i]
-        if c["family"] in ("half", "half_control"):
+        if e.family in ("half", "half_control"):
             # held-out evaluation: compare with the unrestricted template of the same sites
-            ref = ("tm_" + name[5:]) if c["family"] == "half" else name[5:]
-            if ref in names:
-                tmpl = ads["templates"].values[names.index(ref)]
-        if c["family"] in _TEMPLATE_FAMILIES and np.ptp(tmpl) > 0:
+            if e.reference in names:
+                tmpl = ads["templates"].values[names.index(e.reference)]
+        if e.family in _TEMPLATE_FAMILIES and np.ptp(tmpl) > 0:
             sel = np.ones(scan_shape, bool) if region is None else region
             rows.append({**base, "metric": "template_pcc", "species": target or "all",
                          "value": _pearson(image[sel], tmpl[sel])})
         if target is not None:
             others = tab[tab["label"] != target]
             x = others["crosstalk"].to_numpy(float)
-            spec = 1.0 - float(np.max(np.maximum(x, 0.0))) if x.size else 1.0
+            x_med = others["crosstalk_median"].to_numpy(float)
+            spec = 1.0 - float(np.max(x)) if x.size else 1.0
             spec_abs = 1.0 - float(np.max(np.abs(x))) if x.size else 1.0
+            spec_med = 1.0 - float(np.max(np.maximum(x_med, 0.0))) if x.size else 1.0
             bright = float(bool(tab["target_bright"].iloc[0]))
+            bright_med = float(bool(tab["target_bright_median"].iloc[0]))
             for m, v in (("specificity", spec), ("specificity_abs", spec_abs),
-                         ("target_bright", bright)):
+                         ("target_bright", bright), ("specificity_median", spec_med),
+                         ("target_bright_median", bright_med)):
                 rows.append({**base, "metric": m, "species": target, "value": v})
     # mask similarities: partial / half vs full-scan masks of the same template
     idx = {n: i for i, n in enumerate(names)}
     masks = ads["masks"].values
-    for name in names:
-        for prefix in ("partial_", "half_"):
-            if name.startswith(prefix) and not name.startswith("half_ctl_"):
-                ref = "tm_" + name[len(prefix):]
-                if prefix == "partial_" and "partialref_" + name[len(prefix):] in idx:
-                    ref = "partialref_" + name[len(prefix):]  # tiled multi-cell field
-                if ref in idx:
-                    try:
-                        val = metrics.mask_similarity(masks[idx[name]], masks[idx[ref]])
-                    except ValueError:
-                        val = 0.0
-                    rows.append(_sim_row(name, ads, idx, "mask_similarity", val, ref))
-    if "eigen" in idx and "adf" in idx:
-        val = _pearson(ads["images"].values[idx["eigen"]], ads["images"].values[idx["adf"]])
-        rows.append(_sim_row("eigen", ads, idx, "image_similarity", val, "adf"))
+    for e in ents:
+        if e.family in ("partial", "half") and e.reference in idx:
+            try:
+                val = metrics.mask_similarity(masks[idx[e.name]], masks[idx[e.reference]])
+            except ValueError:
+                val = 0.0
+            rows.append({**_base_row(e), "metric": "mask_similarity", "species": e.reference,
+                         "value": float(val)})
+    for e in ents:  # after the mask similarities (row order as before)
+        if e.family == "eigen" and e.reference in idx:
+            val = _pearson(images_all[idx[e.name]], images_all[idx[e.reference]])
+            rows.append({**_base_row(e), "metric": "image_similarity", "species": e.reference,
+                         "value": val})
     df = pd.DataFrame(rows)
     for key, val in info.items():
         if isinstance(val, list | dict):
@@ -1118,13 +1254,9 @@ def dataset_metrics(
     return df
 
 
-def _sim_row(name, ads, idx, metric, value, ref) -> dict:
-    i = idx[name]
-    return {"name": name, "family": str(ads["family"].values[i]),
-            "target": str(ads["label"].values[i]),
-            "template_kind": str(ads["template_kind"].values[i]),
-            "sigma_A": float(ads["sigma_A"].values[i]),
-            "normalisation": str(ads["normalisation"].values[i]),
-            "region": str(ads["region"].values[i]),
-            "eval_region": str(ads["eval_region"].values[i]), "metric": metric,
-            "species": ref, "value": float(value)}
+def _base_row(e: Entry) -> dict:
+    """The descriptive columns of every metrics row of entry ``e``."""
+    return {"name": e.name, "family": e.family, "target": e.label,
+            "template_kind": e.template_kind, "sigma_A": float(e.sigma_A),
+            "normalisation": e.normalisation, "region": e.region, "eval_region": e.eval_region,
+            "reference": e.reference, "control": e.control, "control_of": e.control_of}

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "tmask_validate.commands.find_sites",
     "tmask_validate.commands.metrics",
     "tmask_validate.commands.figures",
+    "tmask_validate.commands.evidence",
     "tmask_validate.commands.claims",
     "tmask_validate.commands.report",
     "tmask_validate.commands.workflow",

@@ -18,7 +18,8 @@ import jsonschema
 import yaml
 
 #: top-level sections, in the order they are documented; each has a schema file
-SECTIONS = ("simulation", "structures", "dose", "analysis", "experiments", "workflow")
+SECTIONS = ("simulation", "structures", "dose", "analysis", "evidence", "experiments",
+            "workflow")
 #: top-level scalar keys
 SCALARS = {
     "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$"},
@@ -85,6 +86,12 @@ def validate_config(config: dict) -> dict:
             where = ".".join(str(p) for p in err.absolute_path) or "<top level>"
             lines.append(f"  {where}: {err.message}")
         raise ValueError("invalid config:\n" + "\n".join(lines))
+    from tmask_validate.evidence import check_evidence_config
+
+    try:
+        check_evidence_config(cfg)
+    except ValueError as exc:
+        raise ValueError(f"invalid config:\n  {exc}") from None
     return cfg
 
 

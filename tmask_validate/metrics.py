@@ -17,33 +17,48 @@ inside the field of view (periodic duplicates removed).
   disc catches no sub-sample, the site's nearest pixel is used. With `periodic=True` the disc
   wraps around the image edges; otherwise pixels outside the image are left out. `S_L` is the
   mean of `S_s` over the sites of `L`; `site_std` is their standard deviation (ddof=0).
-- **Background** `b = median(I)` and **noise** `σ = 1.4826 · median(|I − b|)` over the field
-  of view (or `region`). Why not "pixels far from all sites"? In LiFePO4 [001] almost no pixel
-  is more than 1 Å from some column, so that set is empty or a handful of atypical pixels. The
-  median is the level of the typical pixel and is unaffected by the column peaks (bright or
-  dark) as long as they cover less than half the pixels — true for atomic columns even when
-  every pixel is close to *some* site; the MAD likewise ignores the peaks (1.4826·MAD = σ for
-  Gaussian noise). For a periodic scan of whole unit cells the field-of-view median equals the
-  one-cell median. If the MAD is 0 (over half the pixels share one value) `σ` falls back to the
-  standard deviation; a constant image is an error. For noiseless simulations `σ` is the
-  structured background "clutter" (probe tails, ripples between columns); for noisy data it
-  also contains the shot noise.
-- **Contrast** `C_L = S_L − b` (negative = dark columns) and **CNR** `CNR_L = C_L / σ`.
+- **Background** `b` = the mean of the *interstitial* pixels: pixel centres at least
+  `background_distance_A` (default 0.7 Å) from every atom-column site (minimum-image distance
+  over the scan period when `periodic=True`), within the field of view (or `region`). This is
+  the level of the image where there is no column - what a microscopist measures contrast
+  against - so a column's contrast is the signal it adds over empty space, bright or dark, and
+  no column type can be hidden by the choice of baseline. The old baseline, the image median
+  `b_med`, is the level of the *typical pixel*; in a template image the typical pixel sits on a
+  plateau, and any column weaker than that plateau got `X ≤ 0`, which the bright-only
+  specificity then turned into exactly 0 - specificity saturated at 1.00 (measured: LiFePO4
+  with all Li removed still gave a "Li image" of specificity 1.00). The image mean was also
+  considered and rejected: it is pulled by the columns themselves (dark heavy columns lower it,
+  making every weak column look bright), and for a perfect binary-template image it puts the
+  off-template level below zero, so a perfect image would not score 1. At 0.7 Å (the distance
+  the random-site controls keep from every column) 42 % of a LiFePO4 [001] cell and 64 % of a
+  PbTiO3 [100] cell are interstitial (0.25 Å grid); with fewer than 8 interstitial pixels the
+  background is an error (pass a smaller distance), never silently replaced. The median
+  baseline is still computed beside it (`*_median` metrics) so that every verdict can be
+  checked under both.
+- **Noise** `σ = 1.4826 · median(|I − b_med|)` over the field of view (or `region`): a robust
+  spread (the MAD, = σ for Gaussian noise), unaffected by the column peaks as long as they
+  cover less than half the pixels; it does not depend on the baseline, so both baselines share
+  it. If the MAD is 0 (over half the pixels share one value) `σ` falls back to the standard
+  deviation; a constant image is an error. For noiseless simulations `σ` is the structured
+  background "clutter" (probe tails, ripples between columns); for noisy data it also contains
+  the shot noise.
+- **Contrast** `C_L = S_L − b` (negative = dark columns) and **CNR** `CNR_L = C_L / σ`;
+  `C_L^med = S_L − b_med`, `CNR_L^med = C_L^med / σ`.
 - **Relative signal** `R_L = C_L / max_K C_K` (brightest label = 1, dark labels < 0); if no
   label is brighter than the background, `R_L = C_L / max_K |C_K|`.
-- **Crosstalk** of the image made with the template of label `A`:
-  `X[A, B] = C_B / |C_A|` — background-subtracted signal at `B` sites over that at the target
-  sites. `X[A, A] = 1` when the target is bright; `target_bright = False` (and `X[A, A] = −1`)
-  flags a template that failed to make its own columns bright.
-  **Bright crosstalk** (wrong columns visible) `X⁺[A, B] = max(X[A, B], 0)`;
-  **dark contrast** `X⁻[A, B] = min(X[A, B], 0)`. Template images often show strong *dark*
-  contrast at heavy columns; that does not make them look like the target, so it is reported
-  separately.
-- **Specificity** uses bright crosstalk only:
-  `specificity_A = 1 − max_{B≠A} max(X[A, B], 0)` (1 = only the target brighter than the
-  background, 0 = a wrong column as bright as the target, < 0 = a wrong column brighter than
-  the target; no clipping). `specificity_abs_A = 1 − max_{B≠A} |X[A, B]|` also penalises dark
-  contrast. With a single label both are 1.
+- **Crosstalk** of the image made with the template of label `A`: the full signed vector
+  `X[A, B] = C_B / |C_A|` for every label `B` (metrics rows `crosstalk`, species = B) -
+  background-subtracted signal at `B` sites over that at the target sites. `X[A, A] = 1` when
+  the target is bright; `target_bright = False` (and `X[A, A] = −1`) flags a template that
+  failed to make its own columns bright. `bright = max(X, 0)` and `dark = min(X, 0)` split it
+  for display only. `X^med[A, B] = C_B^med / |C_A^med|`.
+- **Specificity** `specificity_A = 1 − max_{B≠A} X[A, B]` on the signed crosstalk, no clipping:
+  1 = the brightest wrong column is at the background level, 0 = a wrong column as bright as
+  the target, < 0 = brighter than the target, > 1 = every wrong column is *darker* than empty
+  space. `specificity_abs_A = 1 − max_{B≠A} |X[A, B]|` also penalises dark contrast. With a
+  single label both are 1. The old metric, median baseline and bright crosstalk only,
+  `specificity_median_A = 1 − max_{B≠A} max(X^med[A, B], 0)`, is reported beside it; it cannot
+  exceed 1 and sits at exactly 1.00 whenever every wrong column is below the median.
 - **Unit-cell average**: every pixel goes to the nearest of `bins` (default `round(L/step)`)
   bin centres of the cell `(L_y, L_x)`, by position modulo the cell (ties to the upper bin);
   each bin is the mean of its pixels. Works for non-integer numbers of cells per scan.
@@ -77,11 +92,14 @@ from tmask_validate.templates import (
 __all__ = [
     "MAD_TO_SIGMA",
     "METRIC_DEFINITIONS",
+    "BACKGROUND_DISTANCE_A",
+    "BASELINES",
     "background_noise",
     "cnr",
     "crosstalk_matrix",
     "crosstalk_table",
     "image_metrics",
+    "interstitial_pixels",
     "line_profile",
     "mask_similarity",
     "metrics_table",
@@ -103,6 +121,12 @@ MAD_TO_SIGMA = 1.4826
 DEFAULT_RADIUS_A = 0.3
 #: sub-pixel samples per axis used for the disc weights
 N_SUB = 5
+#: default distance (Å) from every column beyond which a pixel is interstitial (background)
+BACKGROUND_DISTANCE_A = 0.7
+#: fewest interstitial pixels the background may be computed from
+MIN_BACKGROUND_PX = 8
+#: background definitions: "interstitial" (default, see "Background"), "median" (the old one)
+BASELINES = ("interstitial", "median")
 
 
 def _as_image(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -268,39 +292,118 @@ def site_signals(
 # --------------------------------------------------------------------------------------------
 # background, noise, CNR
 # --------------------------------------------------------------------------------------------
+def interstitial_pixels(
+    shape: Sequence[int],
+    sites: pd.DataFrame,
+    *,
+    step_A: float | Sequence[float],
+    origin_A: Sequence[float] = (0.0, 0.0),
+    periodic: bool = False,
+    min_distance_A: float = BACKGROUND_DISTANCE_A,
+) -> np.ndarray:
+    """Pixels whose centre lies at least ``min_distance_A`` from every site (see "Background").
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Image shape ``(scan_y, scan_x)``.
+    sites : pandas.DataFrame
+        Site table (``label``, ``y_A``, ``x_A`` in Å); every row counts, whatever its label.
+    step_A, origin_A
+        Scan step and position of pixel ``[0, 0]``, Å.
+    periodic : bool
+        The scan is whole cells: distances are minimum-image over the period ``step * shape``.
+    min_distance_A : float
+        Distance in Å (> 0).
+
+    Returns
+    -------
+    numpy.ndarray of bool, shape ``shape``
+    """
+    from scipy.spatial import cKDTree
+
+    sy, sx = (int(v) for v in shape)
+    s = validate_sites(sites)
+    step = np.array(as_pair(step_A, "step_A"))
+    origin = np.array(as_pair(origin_A, "origin_A", positive=False))
+    if not np.isfinite(min_distance_A) or min_distance_A <= 0:
+        raise ValueError(f"background_distance_A must be > 0, got {min_distance_A!r}")
+    py, px = np.mgrid[0:sy, 0:sx]
+    pix = np.stack([py.ravel(), px.ravel()], 1) * step  # relative to origin, Å
+    ref = s[["y_A", "x_A"]].to_numpy(float) - origin
+    if periodic:
+        per = step * (sy, sx)
+
+        def wrap(x):
+            x = np.mod(x, per)
+            return np.where(x >= per, 0.0, x)  # np.mod(-tiny, L) can round to L
+
+        d, _ = cKDTree(wrap(ref), boxsize=per).query(wrap(pix))
+    else:
+        d, _ = cKDTree(ref).query(pix)
+    return (np.asarray(d) >= min_distance_A * (1 - 1e-12)).reshape(sy, sx)
+
+
 def background_noise(
-    image: np.ndarray, *, region: np.ndarray | None = None
+    image: np.ndarray,
+    *,
+    region: np.ndarray | None = None,
+    baseline: str = "median",
+    interstitial: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """Robust background level and noise of an image (see "Background and noise").
+    """Background level and robust noise of an image (see "Background" and "Noise").
 
     Parameters
     ----------
     image : numpy.ndarray, shape (scan_y, scan_x)
     region : numpy.ndarray of bool, optional
         Pixels to use (default: the whole field of view).
+    baseline : {"median", "interstitial"}
+        ``"median"``: the median of the image; ``"interstitial"``: the mean of the
+        ``interstitial`` pixels (see :func:`interstitial_pixels`) inside ``region``.
+    interstitial : numpy.ndarray of bool, optional
+        Required for ``baseline="interstitial"``.
 
     Returns
     -------
     background : float
-        Median of the image (image units).
+        Background level (image units).
     noise : float
-        ``1.4826 * median(|I - background|)``; the standard deviation (ddof=0) if that is 0.
+        ``1.4826 * median(|I - median(I)|)``; the standard deviation (ddof=0) if that is 0.
 
     Raises
     ------
     ValueError
-        Non-finite or constant image (zero spread).
+        Non-finite or constant image (zero spread), unknown baseline, or fewer than
+        ``MIN_BACKGROUND_PX`` interstitial pixels.
     """
     img = _as_image(image)
     reg = check_region(region, img.shape)
     vals = img[reg] if reg is not None else img.ravel()
-    bg = float(np.median(vals))
-    noise = MAD_TO_SIGMA * float(np.median(np.abs(vals - bg)))
+    med = float(np.median(vals))
+    noise = MAD_TO_SIGMA * float(np.median(np.abs(vals - med)))
     if noise == 0.0:
         noise = float(np.std(vals))
     if noise == 0.0:
         raise ValueError("image is constant: background noise is zero, CNR undefined")
-    return bg, noise
+    if baseline == "median":
+        return med, noise
+    if baseline != "interstitial":
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if interstitial is None:
+        raise ValueError("baseline 'interstitial' needs the interstitial pixel mask")
+    far = np.asarray(interstitial, dtype=bool)
+    if far.shape != img.shape:
+        raise ValueError(f"interstitial mask has shape {far.shape}, image {img.shape}")
+    if reg is not None:
+        far = far & reg
+    n_far = int(far.sum())
+    if n_far < MIN_BACKGROUND_PX:
+        raise ValueError(
+            f"only {n_far} pixels lie far enough from every column for the interstitial "
+            f"background (need {MIN_BACKGROUND_PX}): use a smaller background_distance_A"
+        )
+    return float(img[far].mean()), noise
 
 
 def cnr(signal: float | np.ndarray, background: float, noise: float) -> float | np.ndarray:
@@ -351,6 +454,11 @@ def image_metrics(
     region: np.ndarray | None = None,
     target: str | None = None,
     name: str | None = None,
+    baseline: str = "interstitial",
+    background_distance_A: float = BACKGROUND_DISTANCE_A,
+    background_sites: pd.DataFrame | None = None,
+    interstitial: np.ndarray | None = None,
+    with_median: bool = False,
 ) -> pd.DataFrame:
     """Per-label signal, contrast, CNR and relative signal of one image (tidy rows).
 
@@ -369,6 +477,18 @@ def image_metrics(
         ``target_bright`` and ``crosstalk`` (:math:`X[A, B]`, see "Crosstalk").
     name : str, optional
         Value of an ``image`` column identifying the image (default: ``target`` or "").
+    baseline : {"interstitial", "median"}
+        Background definition (see "Background").
+    background_distance_A : float
+        Interstitial distance, Å (``baseline="interstitial"``).
+    background_sites : pandas.DataFrame, optional
+        Sites that define the interstitial pixels (default ``sites``; pass the real columns
+        when ``sites`` holds extra control sites, which lie in the interstitial space).
+    interstitial : numpy.ndarray of bool, optional
+        Precomputed :func:`interstitial_pixels` (overrides ``background_sites``).
+    with_median : bool
+        Also add ``background_median``, ``contrast_median``, ``cnr_median`` and, with
+        ``target``, ``crosstalk_median`` and ``target_bright_median`` (the median baseline).
 
     Returns
     -------
@@ -382,28 +502,43 @@ def image_metrics(
     Raises
     ------
     ValueError
-        Bad inputs, constant image, unknown target label or a target contrast of exactly 0.
+        Bad inputs, constant image, unknown target label, a target contrast of exactly 0, or
+        too few interstitial pixels.
     """
     sig = site_signals(
         image, sites, step_A=step_A, origin_A=origin_A, radius_A=radius_A,
         periodic=periodic, region=region,
     )
-    bg, noise = background_noise(image, region=region)
-    contrast = sig["signal"].to_numpy() - bg
+    if baseline == "interstitial" and interstitial is None:
+        interstitial = interstitial_pixels(
+            np.shape(image), sites if background_sites is None else background_sites,
+            step_A=step_A, origin_A=origin_A, periodic=periodic,
+            min_distance_A=background_distance_A)
+    bg, noise = background_noise(image, region=region, baseline=baseline,
+                                 interstitial=interstitial)
     out = sig.copy()
     out.insert(0, "image", name if name is not None else (target or ""))
     out["background"] = bg
     out["noise"] = noise
-    out["contrast"] = contrast
-    out["cnr"] = contrast / noise
-    out["relative"] = _relative(contrast)
+    labels = out["label"].tolist()
     if target is not None:
         target = str(target)
-        labels = out["label"].tolist()
         if target not in labels:
             raise ValueError(
                 f"target label {target!r} has no site in the field of view (labels: {labels})"
             )
+    contrast = sig["signal"].to_numpy() - bg
+    out["contrast"] = contrast
+    out["cnr"] = contrast / noise
+    out["relative"] = _relative(contrast)
+    if with_median:
+        bg_med = float(np.median(np.asarray(image, float)[region] if region is not None
+                                 else np.asarray(image, float)))
+        c_med = sig["signal"].to_numpy() - bg_med
+        out["background_median"] = bg_med
+        out["contrast_median"] = c_med
+        out["cnr_median"] = c_med / noise
+    if target is not None:
         c_t = float(contrast[labels.index(target)])
         if c_t == 0.0:
             raise ValueError(f"target {target!r} contrast is exactly 0: crosstalk undefined")
@@ -414,6 +549,10 @@ def image_metrics(
         out["crosstalk"] = x
         out["bright"] = np.maximum(x, 0.0)
         out["dark"] = np.minimum(x, 0.0)
+        if with_median:
+            cm_t = float(c_med[labels.index(target)])
+            out["crosstalk_median"] = c_med / abs(cm_t) if cm_t != 0 else np.nan
+            out["target_bright_median"] = cm_t > 0
     return out.reset_index(drop=True)
 
 
@@ -426,6 +565,8 @@ def metrics_table(
     radius_A: float = DEFAULT_RADIUS_A,
     periodic: bool = False,
     region: np.ndarray | None = None,
+    baseline: str = "interstitial",
+    background_distance_A: float = BACKGROUND_DISTANCE_A,
 ) -> pd.DataFrame:
     """:func:`image_metrics` (no target) for several images, stacked into one tidy frame.
 
@@ -436,7 +577,7 @@ def metrics_table(
     ----------
     images : mapping of str to numpy.ndarray
         ``{image name: image}``, all the same shape.
-    sites, step_A, origin_A, radius_A, periodic, region
+    sites, step_A, origin_A, radius_A, periodic, region, baseline, background_distance_A
         As for :func:`image_metrics`.
 
     Returns
@@ -448,7 +589,8 @@ def metrics_table(
         raise ValueError("no images given")
     frames = [
         image_metrics(img, sites, step_A=step_A, origin_A=origin_A, radius_A=radius_A,
-                      periodic=periodic, region=region, name=str(key))
+                      periodic=periodic, region=region, name=str(key), baseline=baseline,
+                      background_distance_A=background_distance_A)
         for key, img in images.items()
     ]
     return pd.concat(frames, ignore_index=True)
@@ -466,6 +608,8 @@ def crosstalk_table(
     radius_A: float = DEFAULT_RADIUS_A,
     periodic: bool = False,
     region: np.ndarray | None = None,
+    baseline: str = "interstitial",
+    background_distance_A: float = BACKGROUND_DISTANCE_A,
     skip: Sequence[str] = ("all",),
 ) -> pd.DataFrame:
     """Tidy crosstalk table for a family of species-specific template images.
@@ -475,7 +619,7 @@ def crosstalk_table(
     images : mapping of str to numpy.ndarray
         ``{template label: image made with that label's template}``. Keys in ``skip``
         (default ``"all"``) are ignored; every other key must be a site label.
-    sites, step_A, origin_A, radius_A, periodic, region
+    sites, step_A, origin_A, radius_A, periodic, region, baseline, background_distance_A
         As for :func:`image_metrics`.
     skip : sequence of str
         Image keys that are not species templates.
@@ -487,7 +631,7 @@ def crosstalk_table(
         ``is_target``, ``signal``, ``background``, ``noise``, ``contrast``, ``cnr``, ``X``
         (crosstalk :math:`X[A, B]`), ``bright`` (:math:`\\max(X, 0)`), ``dark``
         (:math:`\\min(X, 0)`), ``target_bright`` and, repeated on every row of a template,
-        ``specificity`` and ``specificity_abs`` (see "Specificity").
+        ``specificity``, ``specificity_clipped`` and ``specificity_abs`` (see "Specificity").
 
     Raises
     ------
@@ -504,7 +648,8 @@ def crosstalk_table(
     rows = []
     for key in keys:
         m = image_metrics(images[key], sites, step_A=step_A, origin_A=origin_A,
-                          radius_A=radius_A, periodic=periodic, region=region, target=key)
+                          radius_A=radius_A, periodic=periodic, region=region, target=key,
+                          baseline=baseline, background_distance_A=background_distance_A)
         rows.append(pd.DataFrame({
             "template": key,
             "site_label": m["label"],
@@ -521,7 +666,8 @@ def crosstalk_table(
         }))
     table = pd.concat(rows, ignore_index=True)
     spec = specificity(_pivot(table))
-    table = table.merge(spec[["specificity", "specificity_abs"]], left_on="template",
+    table = table.merge(spec[["specificity", "specificity_clipped", "specificity_abs"]],
+                        left_on="template",
                         right_index=True, how="left")
     return table.reset_index(drop=True)
 
@@ -543,13 +689,16 @@ def crosstalk_matrix(
     radius_A: float = DEFAULT_RADIUS_A,
     periodic: bool = False,
     region: np.ndarray | None = None,
+    baseline: str = "interstitial",
+    background_distance_A: float = BACKGROUND_DISTANCE_A,
     skip: Sequence[str] = ("all",),
 ) -> pd.DataFrame:
     """Crosstalk matrix ``X[template, site_label]`` (see "Crosstalk").
 
     Parameters
     ----------
-    images, sites, step_A, origin_A, radius_A, periodic, region, skip
+    images, sites, step_A, origin_A, radius_A, periodic, region, baseline,
+    background_distance_A, skip
         As for :func:`crosstalk_table`.
 
     Returns
@@ -560,7 +709,8 @@ def crosstalk_matrix(
         ``xarray.DataArray(X)`` turns it into a labelled array.
     """
     table = crosstalk_table(images, sites, step_A=step_A, origin_A=origin_A, radius_A=radius_A,
-                            periodic=periodic, region=region, skip=skip)
+                            periodic=periodic, region=region, skip=skip, baseline=baseline,
+                            background_distance_A=background_distance_A)
     return _pivot(table)
 
 
@@ -576,8 +726,10 @@ def specificity(x: pd.DataFrame) -> pd.DataFrame:
     Returns
     -------
     pandas.DataFrame
-        Indexed by template, columns ``specificity`` (= 1 - max_{B≠A} max(X[A,B], 0)),
-        ``specificity_abs`` (= 1 - max_{B≠A} |X[A,B]|), ``max_bright`` and
+        Indexed by template, columns ``specificity`` (= 1 - max_{B≠A} X[A,B], signed, no
+        clipping), ``specificity_clipped`` (= 1 - max_{B≠A} max(X[A,B], 0), bright crosstalk
+        only: the old definition, <= 1), ``specificity_abs`` (= 1 - max_{B≠A} |X[A,B]|),
+        ``max_bright`` and
         ``max_bright_label`` (largest X[A,B], B≠A, and its label), ``max_dark`` and
         ``max_dark_label`` (most negative X[A,B], B≠A). With no other label: specificities 1,
         max values 0 and labels "".
@@ -598,17 +750,19 @@ def specificity(x: pd.DataFrame) -> pd.DataFrame:
             raise ValueError(f"template {tmpl!r} is not a site label column of the matrix")
         others = x.loc[tmpl].drop(index=tmpl)
         if len(others) == 0:
-            rows.append((tmpl, 1.0, 1.0, 0.0, "", 0.0, ""))
+            rows.append((tmpl, 1.0, 1.0, 1.0, 0.0, "", 0.0, ""))
             continue
         b_lab, d_lab = others.idxmax(), others.idxmin()
         b_val, d_val = float(others[b_lab]), float(others[d_lab])
         rows.append((
             tmpl,
+            1.0 - b_val,
             1.0 - max(b_val, 0.0),
             1.0 - float(np.abs(others.to_numpy(dtype=float)).max()),
             b_val, str(b_lab), d_val, str(d_lab),
         ))
-    out = pd.DataFrame(rows, columns=["template", "specificity", "specificity_abs", "max_bright",
+    out = pd.DataFrame(rows, columns=["template", "specificity", "specificity_clipped",
+                                      "specificity_abs", "max_bright",
                                       "max_bright_label", "max_dark", "max_dark_label"])
     return out.set_index("template")
 
@@ -624,7 +778,8 @@ def specificity_from_metrics(metrics: pd.DataFrame) -> dict[str, float | str | b
     Returns
     -------
     dict
-        ``target``, ``specificity``, ``specificity_abs``, ``max_bright``, ``max_bright_label``,
+        ``target``, ``specificity``, ``specificity_clipped``, ``specificity_abs``,
+        ``max_bright``, ``max_bright_label``,
         ``max_dark``, ``max_dark_label`` (as :func:`specificity`) and ``target_bright``.
 
     Raises

@@ -276,3 +276,125 @@ def template_mask_image(data: Any, template: Any, *, normalisation: str = "pcc",
     img = apply_mask(data, r, normalised=True, normalisation=normalisation,
                      threshold=threshold, stats=all_st, valid=valid, **compute_kwargs)
     return r, img
+
+
+# ----------------------------------------------------------------------------- cross-fitting
+__all__ += ["crossfit_template_image"]
+
+
+def _crossfit_block_sums(block, lab, t, shift, k_folds: int) -> dict:
+    """Per-fold ``[count, Σy, Σy², Σ t⁰y]`` of one 4D block, for the folds present in it."""
+    from .core._crossfit import _fold_sums
+    from .core._stream import kernel_dtype_chunk
+
+    bsy, bsx, ky, kx = block.shape
+    x = kernel_dtype_chunk(np.asarray(block).reshape(bsy * bsx, ky * kx))
+    lab = np.ascontiguousarray(np.asarray(lab).reshape(-1), dtype=np.int64)
+    t = np.ascontiguousarray(np.asarray(t).reshape(t.shape[0], -1))
+    present = np.unique(lab[lab >= 0])
+    if present.size == 0:
+        return {}
+    local = np.full(k_folds, -1, dtype=np.int64)  # fold -> row of the block's accumulators
+    local[present] = np.arange(present.size)
+    lab_local = np.where(lab >= 0, local[np.maximum(lab, 0)], -1)
+    n = ky * kx
+    s1 = np.zeros((present.size, n))
+    s2 = np.zeros((present.size, n))
+    tp = np.zeros((present.size, t.shape[0], n))
+    _fold_sums(x, lab_local, t, np.asarray(shift, dtype=np.float64).reshape(-1), s1, s2, tp)
+    cnt = np.bincount(lab_local[lab_local >= 0], minlength=present.size)
+    return {int(f): [int(cnt[i]), s1[i], s2[i], tp[i]] for i, f in enumerate(present)}
+
+
+def _merge_fold_sums(*parts: dict) -> dict:
+    out: dict = {}
+    for part in parts:
+        for f, vals in part.items():
+            if f in out:
+                out[f] = [a + b for a, b in zip(out[f], vals, strict=True)]
+            else:
+                out[f] = list(vals)
+    return out
+
+
+def _crossfit_block_apply(block, lab, mean, w) -> np.ndarray:
+    """``(x_j - mean_f) @ w_fᵀ`` for the block's used rows; ``(nw, bsy, bsx)``, NaN unused."""
+    from .core._crossfit import _fold_apply
+    from .core._stream import kernel_dtype_chunk
+
+    bsy, bsx, ky, kx = block.shape
+    x = kernel_dtype_chunk(np.asarray(block).reshape(bsy * bsx, ky * kx))
+    lab = np.ascontiguousarray(np.asarray(lab).reshape(-1), dtype=np.int64)
+    out = np.full((bsy * bsx, w.shape[1]), np.nan)
+    _fold_apply(x, lab, mean, w, out)
+    return np.ascontiguousarray(out.T).reshape(w.shape[1], bsy, bsx)
+
+
+def crossfit_template_image(data: Any, template: Any, folds: Any, *,
+                            normalisation: str = "pcc", valid: Any = None,
+                            in_sample: bool = False,
+                            **compute_kwargs) -> tuple[np.ndarray, ...]:
+    """Cross-fitted (held-out) PCC masks and image, in two dask passes.
+
+    Same arguments, semantics and return values as
+    :func:`tmask_validate.core.crossfit_template_image` (fold ``f``'s mask fitted on the
+    positions outside ``f``; negative labels unused, NaN in the image).  Pass 1 reduces
+    per-fold sums block by block (each scan block returns sums only for the folds it holds,
+    summed in a tree), pass 2 applies each fold's mask to its own patterns where the blocks
+    live; only detector-sized and scan-sized float64 arrays travel.  The detector axes are
+    merged into one chunk per scan block if the input cuts them.
+
+    ``**compute_kwargs`` go to ``dask.compute`` (e.g. ``scheduler=``); by default an active
+    ``distributed.Client`` is used.
+    """
+    import dask
+
+    from .core._crossfit import _finish, _fold_weights, _prepare_crossfit
+
+    plan = _prepare_crossfit(data, template, folds, normalisation, valid)
+    info, k_folds = plan.info, plan.k_folds
+    sy, sx = info.scan_shape
+    x = as_dask(data)
+    if len(x.chunks[2]) > 1 or len(x.chunks[3]) > 1:
+        x = x.rechunk({2: -1, 3: -1})
+    lab2 = plan.lab.reshape(sy, sx)
+    t3 = plan.t0.reshape(-1, sy, sx)
+    j0 = int(np.flatnonzero(plan.lab >= 0)[0])
+    shift = x[j0 // sx, j0 % sx].astype(np.float64)
+    blocks = x.to_delayed()[:, :, 0, 0]
+    ys = np.concatenate([[0], np.cumsum(x.chunks[0])])
+    xs = np.concatenate([[0], np.cumsum(x.chunks[1])])
+    spans = [(i, j, slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1]))
+             for i in range(blocks.shape[0]) for j in range(blocks.shape[1])]
+
+    # pass 1: per-fold sums, block by block, merged in a tree
+    shift_d = dask.delayed(shift)
+    parts = [dask.delayed(_crossfit_block_sums, pure=True)(
+        blocks[i, j], lab2[a, b], t3[:, a, b], shift_d, k_folds) for i, j, a, b in spans]
+    while len(parts) > 1:
+        parts = [dask.delayed(_merge_fold_sums, pure=True)(*parts[q:q + 8])
+                 for q in range(0, len(parts), 8)]
+    merged, c = dask.compute(parts[0], shift, **compute_kwargs)
+    count = np.array([merged[f][0] for f in range(k_folds)], dtype=np.int64)
+    s1 = np.stack([merged[f][1] for f in range(k_folds)])
+    s2 = np.stack([merged[f][2] for f in range(k_folds)])
+    tp = np.stack([merged[f][3] for f in range(k_folds)])
+    del merged
+    if not all(np.all(np.isfinite(a)) for a in (s1, s2, tp)):
+        raise ValueError("data contain NaN or Inf (non-finite result of a reduction)")
+    weights = _fold_weights(plan, count, s1, s2, tp, np.asarray(c, dtype=np.float64).reshape(-1),
+                            in_sample)
+    del s1, s2, tp
+
+    # pass 2: each fold's mask on its own patterns, where the blocks live
+    mean_d = dask.delayed(weights.mean, pure=True)
+    w_d = dask.delayed(weights.w, pure=True)
+    outs = dask.compute(*[dask.delayed(_crossfit_block_apply, pure=True)(
+        blocks[i, j], lab2[a, b], mean_d, w_d) for i, j, a, b in spans], **compute_kwargs)
+    img = np.full((weights.w.shape[1], sy, sx), np.nan)
+    for (_, _, a, b), blk in zip(spans, outs, strict=True):
+        img[:, a, b] = blk
+    img = img.reshape(weights.w.shape[1], -1)
+    if not np.all(np.isfinite(img[:, plan.lab >= 0])):
+        raise ValueError("data contain NaN or Inf (non-finite result of a reduction)")
+    return _finish(plan, weights, img)

@@ -309,6 +309,24 @@ def _experiment_entries(paths: Sequence[str | Path]) -> list[dict]:
     return out
 
 
+def _evidence_figure_entries(paths: Sequence[str | Path]) -> list[dict]:
+    out = []
+    for p in paths:
+        p = Path(p).resolve()
+        out.append({"id": f"evidence-{p.stem}", "_png": p, "pdf": p.with_suffix(".pdf").name,
+                    "title": "Species evidence: held-out images against species-removed controls",
+                    "section": "evidence", "fit": "cross-fitted",
+                    "caption": "Cross-fitted (held-out cell) template-mask images beside the "
+                               "in-sample template imprint, for the species present and removed "
+                               "(same seeds and phonon displacements), and evidence_z against "
+                               "thickness and occupancy.",
+                    "look": "whether the held-out image with the species present differs from "
+                            "the one with it removed; an in-sample image that looks like its "
+                            "template is no evidence.",
+                    "dataset": p.stem})
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # evidence
 # ----------------------------------------------------------------------------------------------
@@ -322,12 +340,14 @@ def _read_evidence(path: str | Path) -> pd.DataFrame:
 
 
 def _evidence_overview(ev: pd.DataFrame) -> pd.DataFrame:
-    """One row per structure x species x template: verdict counts over thickness and dose."""
+    """One row per structure x species x template x occupancy: verdict counts over thickness
+    and dose."""
     rows = []
-    for (s, sp, t), g in ev.groupby(["structure", "species", "template"], sort=False):
+    keys = [k for k in ("structure", "species", "template", "occupancy") if k in ev]
+    for key, g in ev.groupby(keys, sort=False, dropna=False):
         counts = g["verdict"].astype(str).value_counts()
         z = pd.to_numeric(g["evidence_z"], errors="coerce")
-        rows.append({"structure": s, "species": sp, "template": t,
+        rows.append({**dict(zip(keys, key, strict=True)),
                      "verdicts": ", ".join(f"{k} {v}" for k, v in counts.items()),
                      "median z": float(np.nanmedian(z)) if z.notna().any() else np.nan,
                      "datasets": len(g)})
@@ -338,9 +358,9 @@ def _verdict_cell(col, row) -> str:
     if col != "verdict":
         return ""
     v = str(row[col]).lower()
-    if v in ("evidence", "present", "pass", "supported"):
+    if v in ("detected", "evidence", "present", "pass", "supported"):
         return "pass"
-    if v in ("no evidence", "absent", "fail", "not supported", "no_evidence"):
+    if v in ("not detected", "no evidence", "absent", "fail", "not supported", "no_evidence"):
         return "fail"
     return "uninformative"
 
@@ -356,6 +376,7 @@ def build_report(
     config: Mapping[str, Any] | None = None,
     extra_figures: Sequence[str | Path] | None = None,
     evidence_csv: str | Path | None = None,
+    evidence_figures: Sequence[str | Path] | None = None,
     scale: RunScale | None = None,
 ) -> str:
     """Return the HTML text of the report.
@@ -376,6 +397,9 @@ def build_report(
     evidence_csv : path, optional
         ``results/species_evidence.csv`` (columns :data:`EVIDENCE_COLUMNS`); when given, an
         "Evidence" section follows the summary.
+    evidence_figures : paths, optional
+        PNGs of the evidence stage (``results/evidence/species_evidence.png``), shown first in
+        the evidence section.
     scale : RunScale, optional
         Default: :func:`run_scale` of ``config``; smoke-scale runs get a caveat at the top.
     """
@@ -385,6 +409,8 @@ def build_report(
     scale = run_scale(config) if scale is None else scale
     figs = [f for f in _read_manifest(Path(figures_manifest)) if Path(f["_png"]).is_file()]
     figs += [f for f in _experiment_entries(extra_figures or []) if Path(f["_png"]).is_file()]
+    figs += [f for f in _evidence_figure_entries(evidence_figures or [])
+             if Path(f["_png"]).is_file()]
     claims = pd.read_csv(claims_csv, keep_default_na=False, na_values=[""])
     metrics = pd.read_csv(metrics_csv, keep_default_na=False, na_values=[""])
     evidence = _read_evidence(evidence_csv) if evidence_csv is not None else None

@@ -258,6 +258,24 @@ def displaced_atoms(atoms, rms_displacement_A: Mapping[str, float], seed: int,
     return fp.randomize(atoms)
 
 
+def variant_configuration(atoms, keep: np.ndarray, rms_displacement_A: Mapping[str, float],
+                          seed: int, directions: str = "xyz"):
+    """One frozen-phonon configuration of a structure *variant* (atoms removed).
+
+    The FULL structure is displaced first (exactly :func:`displaced_atoms` with the same seed),
+    then the atoms with ``keep == False`` are deleted. abTEM draws displacements atom by atom,
+    so displacing the reduced structure would give every remaining atom different draws; this
+    way a control and its partner differ only in the removed atoms, and every shared atom sits
+    at the same displaced position in both.
+    """
+    keep = np.asarray(keep, bool)
+    if keep.shape != (len(atoms),):
+        raise ValueError(f"keep must be a bool array of {len(atoms)} atoms, got {keep.shape}")
+    if not keep.any():
+        raise ValueError("a variant must keep at least one atom")
+    return displaced_atoms(atoms, rms_displacement_A, seed, directions)[keep]
+
+
 def _to_numpy(array) -> np.ndarray:
     """numpy copy of a computed abTEM array (cupy arrays are moved to the host)."""
     if hasattr(array, "get") and not isinstance(array, np.ndarray):
@@ -427,8 +445,13 @@ def scan_positions(entry_scan: Mapping[str, Any], cell_A: Sequence[float]) -> di
     }
 
 
-def _structure_setup(config: Mapping[str, Any], structure: str) -> dict[str, Any]:
-    """Everything about a structure that does not depend on the phonon configuration."""
+def _structure_setup(config: Mapping[str, Any], structure: str,
+                     variant: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything about a structure that does not depend on the phonon configuration.
+
+    With a ``variant`` (see :func:`tmask_validate.evidence.variants_from_config`) the crystal is
+    built for the variant's thickness series and ``keep`` marks the atoms it retains.
+    """
     from tmask_validate import structures as st
 
     if structure not in config.get("structures", {}):
@@ -436,6 +459,13 @@ def _structure_setup(config: Mapping[str, Any], structure: str) -> dict[str, Any
             f"structure {structure!r} not in config (have {sorted(config.get('structures', {}))})"
         )
     entry = config["structures"][structure]
+    if variant is not None:
+        entry = dict(entry, thicknesses_nm=list(variant["thicknesses_nm"]))
+        cells = [int(v) for v in variant.get("scan_cells", (1, 1))]
+        if cells != [1, 1]:
+            # a real multi-cell scan: the periodic slab must hold whole copies of it
+            entry["repeats"] = [-(-int(r) // c) * c
+                                for r, c in zip(entry.get("repeats", (1, 1)), cells, strict=True)]
     opts = dict(entry.get("builder_options") or {})
     unit = st.build(entry["builder"], thickness_nm=None, repeats=(1, 1), **opts)
     cell_A = st.projected_cell_A(unit)
@@ -451,8 +481,30 @@ def _structure_setup(config: Mapping[str, Any], structure: str) -> dict[str, Any
     sites = st.projected_columns(unit)
     if not scan["periodic"]:
         sites = st.sites_in_region(sites, cell_A, scan["region_A"])
+    keep = np.ones(len(atoms), bool)
+    realised: list[float] = []
+    if variant is not None:
+        cy, cx = (int(v) for v in variant.get("scan_cells", (1, 1)))
+        if (cy, cx) != (1, 1):
+            if not scan["periodic"]:
+                raise ValueError(f"evidence scan_cells {[cy, cx]} needs a one-cell scan entry")
+            (ny, nx), (dy, dx) = scan["shape"], scan["step_A"]
+            scan = dict(scan, shape=(ny * cy, nx * cx),
+                        region_A=((0.0, (ny * cy - 1) * dy), (0.0, (nx * cx - 1) * dx)))
+        if variant.get("species"):
+            keep = st.species_keep_mask(atoms, variant["species"], float(variant["occupancy"]),
+                                        seed=int(variant["seed"]),
+                                        mode=variant.get("mode", "depth"))
+            _, labels = st.atom_columns(atoms)
+            target = labels == variant["species"]
+            z = atoms.positions[:, 2]
+            for t in thickness_nm:
+                inside = target & (z < 10.0 * t - 1e-6)
+                realised.append(float(keep[inside].mean()) if inside.any() else float("nan"))
     return dict(atoms=atoms, scan=scan, sites=sites, slices=slices, planes=planes,
-                thickness_nm=thickness_nm, entry=entry, cell_A=cell_A)
+                thickness_nm=thickness_nm, entry=entry, cell_A=cell_A, keep=keep,
+                variant=None if variant is None else dict(variant),
+                occupancy_realised=realised)
 
 
 def simulate_structure(
@@ -463,6 +515,7 @@ def simulate_structure(
     configurations: str | tuple[int, int] | None = None,
     progress: bool = True,
     keep_checkpoint: bool = False,
+    variant: Mapping[str, Any] | None = None,
 ) -> Path:
     """Simulate one structure of a config and write the simulation store ``out``.
 
@@ -481,6 +534,12 @@ def simulate_structure(
         Show tqdm progress bars (configurations and abTEM tasks).
     keep_checkpoint : bool
         Keep ``<out>.partial/`` after success (normally removed).
+    variant : mapping, optional
+        A species-evidence variant (:func:`tmask_validate.evidence.variants_from_config`):
+        its own thickness series, and the atoms of one column type removed (occupancy 0) or
+        thinned (0 < occupancy < 1) AFTER the phonon displacement of the full crystal
+        (:func:`variant_configuration`), so every variant of a structure shares the seeds and
+        the displacements of its common atoms. The variant is recorded in the store's attrs.
 
     Returns
     -------
@@ -500,11 +559,12 @@ def simulate_structure(
     indices = list(range(i0, i1))
     seeds = [phonon_seed(int(config["seed"]), structure, k) for k in indices]
 
-    setup = _structure_setup(config, structure)
+    setup = _structure_setup(config, structure, variant)
     scan = setup["scan"]
     fingerprint = json.dumps(
         {"simulation": sim, "structure": setup["entry"], "seed": config["seed"],
-         "name": structure, "indices": indices}, sort_keys=True, default=str)
+         "name": structure, "indices": indices, "variant": setup["variant"]},
+        sort_keys=True, default=str)
 
     ckpt = _checkpoint_dir(out)
     loaded = _load_checkpoint(ckpt, fingerprint)
@@ -520,9 +580,10 @@ def simulate_structure(
                disable=not progress, unit="config")
     for k in todo:
         t0, c0 = time.perf_counter(), time.process_time()
-        atoms_k = displaced_atoms(setup["atoms"], sim["phonons"]["rms_displacement_A"],
-                                  phonon_seed(int(config["seed"]), structure, k),
-                                  sim["phonons"].get("directions", "xyz"))
+        atoms_k = variant_configuration(setup["atoms"], setup["keep"],
+                                        sim["phonons"]["rms_displacement_A"],
+                                        phonon_seed(int(config["seed"]), structure, k),
+                                        sim["phonons"].get("directions", "xyz"))
         res = run_configuration(
             atoms_k, sim,
             scan_start_A=tuple(scan["start_A"]), scan_step_A=tuple(scan["step_A"]),
@@ -616,6 +677,8 @@ def _assemble_dataset(config, structure, setup, mean, state, indices, seeds) -> 
         "exit_planes": json.dumps([int(i) for i in setup["planes"]]),
         "grid_gpts": json.dumps(state["meta"]["gpts"]),
         "dose_e_per_A2": None,
+        "variant": json.dumps(setup.get("variant")),
+        "occupancy_realised": json.dumps(setup.get("occupancy_realised", [])),
         "complete": False,
     }
     return xr.Dataset(data_vars=data_vars, coords=coords, attrs=attrs)
@@ -746,6 +809,9 @@ def combine_stores(paths: Iterable[str | Path], out: str | Path) -> Path:
             raise ValueError(f"{p}: simulated with different settings ({diff}) than {paths[0]}")
         if ds.attrs.get("dose_e_per_A2") is not None:
             raise ValueError(f"{p}: noisy stores cannot be combined")
+        if ds.attrs.get("variant", "null") != first.attrs.get("variant", "null"):
+            raise ValueError(f"{p}: structure variant {ds.attrs.get('variant')} differs from "
+                             f"{first.attrs.get('variant')}")
         for name in ("intensity",):
             if ds[name].shape != first[name].shape:
                 raise ValueError(f"{p}: {name} shape {ds[name].shape} != {first[name].shape}")

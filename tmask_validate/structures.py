@@ -56,8 +56,10 @@ __all__ = [
     "n_repeats_for_thickness",
     "pbtio3",
     "pbtio3_domain_wall",
+    "atom_columns",
     "projected_cell_A",
     "projected_columns",
+    "species_keep_mask",
     "scan_from_config",
     "scan_grid",
     "sites_in_region",
@@ -492,6 +494,102 @@ def projected_columns(atoms_or_name: ase.Atoms | str, *,
         df["wall_distance_A"] = wall_distance_A(df["y_A"].to_numpy(), df["x_A"].to_numpy(), atoms)
     df = df.sort_values(["label", "y_A", "x_A"], kind="stable").reset_index(drop=True)
     return df
+
+
+def atom_columns(atoms: ase.Atoms, *, tol_A: float = COLUMN_TOL_A) -> tuple[np.ndarray, np.ndarray]:
+    """Projected column of every atom, grouped as in :func:`projected_columns`.
+
+    Returns
+    -------
+    column : ndarray (n_atoms,) int
+        Column index of each atom (columns of the whole slab: every lateral repeat separately).
+    label : ndarray (n_atoms,) str
+        Label of the atom's column ("Li", "P+O", "Ti+O", ...; elements by decreasing Z).
+    """
+    if not (math.isfinite(tol_A) and tol_A > 0):
+        raise ValueError(f"tol_A must be a positive number, got {tol_A}")
+    ly, lx = projected_cell_A(atoms)
+    yx = np.column_stack([atoms.positions[:, 1] % ly, atoms.positions[:, 0] % lx])
+    yx[yx[:, 0] >= ly, 0] = 0.0
+    yx[yx[:, 1] >= lx, 1] = 0.0
+    pairs = cKDTree(yx, boxsize=(ly, lx)).query_pairs(tol_A, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
+                       shape=(len(atoms), len(atoms)))
+    n_col, col_of = connected_components(graph, directed=False)
+    symbols = np.asarray(atoms.get_chemical_symbols())
+    names = np.empty(n_col, dtype=object)
+    for k in range(n_col):
+        names[k] = "+".join(_composition_key(symbols[col_of == k].tolist()))
+    return col_of.astype(np.int64), names[col_of].astype(str)
+
+
+def species_keep_mask(atoms: ase.Atoms, label: str, occupancy: float, *, seed: int,
+                      mode: str = "depth", tol_A: float = COLUMN_TOL_A) -> np.ndarray:
+    """Which atoms to keep for a structure variant with column type ``label`` at ``occupancy``.
+
+    The lattice is unchanged; only atoms of the columns labelled ``label`` (all their atoms,
+    e.g. Ti and O of a "Ti+O" column) are removed.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        A built structure (beam along z, ``info["beam_period_A"]`` set by the builders).
+    label : str
+        Column label from :func:`projected_columns` ("Li", "O", "Ti+O", ...).
+    occupancy : float in [0, 1]
+        1 keeps everything, 0 empties every such column.
+    seed : int
+        Seed of the random choice (partial occupancy).
+    mode : {"depth", "columns"}
+        Partial occupancy. ``"depth"``: every column keeps the fraction ``occupancy`` of its
+        beam periods, chosen at random within consecutive blocks of ``B`` periods (``B`` the
+        smallest denominator with ``occupancy * B`` whole, at most 20), so every column holds
+        the same occupancy at every thickness that is a multiple of ``B`` periods and a
+        one-cell scan stays representative of the field. ``"columns"``: each period of each
+        column is kept with probability ``occupancy`` independently, so the occupancy varies
+        from column to column (needs a multi-cell scan to be meaningful).
+
+    Returns
+    -------
+    ndarray (n_atoms,) bool
+    """
+    from fractions import Fraction
+
+    x = float(occupancy)
+    if not (math.isfinite(x) and 0.0 <= x <= 1.0):
+        raise ValueError(f"occupancy must be in [0, 1], got {occupancy!r}")
+    if mode not in ("depth", "columns"):
+        raise ValueError(f"mode must be 'depth' or 'columns', got {mode!r}")
+    col, lab = atom_columns(atoms, tol_A=tol_A)
+    target = lab == str(label)
+    if not target.any():
+        raise ValueError(f"no column labelled {label!r} (labels: {sorted(set(lab.tolist()))})")
+    keep = np.ones(len(atoms), bool)
+    if x == 1.0:
+        return keep
+    if x == 0.0:
+        keep[target] = False
+        return keep
+    period = float(atoms.info.get("beam_period_A", atoms.cell[2, 2]))
+    layer = np.floor(atoms.positions[:, 2] / period + 1e-9).astype(np.int64)
+    rng = np.random.default_rng([int(seed), 9001])
+    frac = Fraction(x).limit_denominator(20)
+    block = frac.denominator
+    n_keep = frac.numerator
+    for c in np.unique(col[target]):
+        members = np.flatnonzero(col == c)
+        layers = np.unique(layer[members])
+        if mode == "columns":
+            kept_layers = layers[rng.random(layers.size) < x]
+        else:
+            kept = []
+            for b0 in range(0, layers.size, block):
+                blk = layers[b0:b0 + block]
+                k = n_keep if blk.size == block else int(round(x * blk.size))
+                kept.extend(rng.choice(blk, size=k, replace=False).tolist())
+            kept_layers = np.asarray(kept, np.int64)
+        keep[members] = np.isin(layer[members], kept_layers)
+    return keep
 
 
 def wall_distance_A(y_A: np.ndarray, x_A: np.ndarray, atoms: ase.Atoms) -> np.ndarray:

@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, help="config YAML")
     p.add_argument("--evidence", default=None, metavar="PATH",
                    help="species evidence table (results/species_evidence.csv), optional")
+    p.add_argument("--evidence-figures", nargs="*", default=[], metavar="PNG",
+                   help="figures of the evidence stage, shown in the evidence section")
     p.add_argument("--extra-figures", nargs="*", default=[], help="further PNGs (experiments)")
     p.add_argument("--out", required=True, help="output HTML (results/report/report.html)")
     p.set_defaults(func=run)
@@ -31,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else None
     text = build_report(args.figures, args.claims, args.metrics, config=cfg,
                         extra_figures=args.extra_figures, evidence_csv=args.evidence,
+                        evidence_figures=args.evidence_figures,
                         scale=run_scale(cfg))
     out = write_report(args.out, text)
     print(f"report: {out.resolve()} ({len(text) / 1e6:.1f} MB)")

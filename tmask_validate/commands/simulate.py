@@ -21,10 +21,19 @@ def _simulate(args: argparse.Namespace) -> int:
     from tmask_validate.config import load_config
 
     config = load_config(args.config)
+    variant = None
+    if args.variant:
+        from tmask_validate.evidence import variants_from_config
+
+        variants = variants_from_config(config, args.structure)
+        if args.variant not in variants:
+            raise ValueError(f"unknown evidence variant {args.variant!r} of {args.structure} "
+                             f"(have {sorted(variants)})")
+        variant = variants[args.variant]
     t0 = time.perf_counter()
     out = simulate.simulate_structure(
         config, args.structure, args.out, configurations=args.configurations,
-        progress=not args.quiet,
+        progress=not args.quiet, variant=variant,
     )
     print(f"wrote {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -51,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--structure", required=True, help="key of the structures section")
     p.add_argument("--configurations", default=None, metavar="I:J",
                    help="only phonon configurations I..J-1 (combine the chunks afterwards)")
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="a species-evidence variant of the structure (evidence section), e.g. "
+                   "crystal, Li-x0 (Li columns emptied), Li-x0.5")
     p.add_argument("--out", required=True, help="output zarr store")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_simulate)

@@ -8,6 +8,9 @@ Public names
 ------------
 column_stats, ColumnStats, pcc_mask, apply_mask, template_mask_image, eigen_image
     PCC masks (Eqs. 4-6, 8, 9), normalised mask application (Eq. 7), eigen-image (Eq. 10).
+crossfit_template_image, crossfit_apply_masks
+    Held-out (cross-fitted) template-mask images: each fold's mask fitted on the other folds;
+    per-fold masks applied with out-of-fold normalisation.
 scattering_angle_mrad, annular_mask, virtual_detector_masks, virtual_images
     Virtual detectors (Eq. 2), all masks in one pass.
 center_of_mass, integrated_center_of_mass, estimate_center_px
@@ -18,6 +21,7 @@ use_numba, DEFAULT_CHUNK_BYTES
     Backend switch (compiled kernels vs plain numpy) and the default chunk byte budget.
 """
 
+from ._crossfit import crossfit_apply_masks, crossfit_template_image
 from ._detectors import (
     annular_mask,
     center_of_mass,
@@ -50,6 +54,8 @@ __all__ = [
     "apply_mask",
     "center_of_mass",
     "column_stats",
+    "crossfit_apply_masks",
+    "crossfit_template_image",
     "eigen_image",
     "estimate_center_px",
     "integrated_center_of_mass",

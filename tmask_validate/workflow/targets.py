@@ -33,7 +33,7 @@ __all__ = [
 NOISELESS = "noiseless"
 #: rules that have a resources entry in the workflow section
 RULES = ("simulate", "combine", "noise", "analyse", "analyse_experiment", "metrics", "figures",
-         "claims", "report")
+         "claims", "report", "simulate_variant", "evidence", "evidence_table")
 
 
 def _num(value: float) -> str:
@@ -177,3 +177,59 @@ def write_if_changed(path: str | Path, cfg: Mapping[str, Any]) -> Path:
     tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+# ----------------------------------------------------------------------------- species evidence
+def evidence_structures(cfg: Mapping[str, Any]) -> list[str]:
+    """Structures with an ``evidence.structures`` entry, in config order."""
+    return list((cfg.get("evidence", {}) or {}).get("structures", {}) or {})
+
+
+def evidence_variants(cfg: Mapping[str, Any], structure: str) -> list[str]:
+    """Variant keys (``crystal``, ``Li-x0``, ``Li-x0.5``, ...) of a structure's evidence."""
+    from tmask_validate.evidence import variants_from_config
+
+    return list(variants_from_config(cfg, structure))
+
+
+def all_evidence_variants(cfg: Mapping[str, Any]) -> list[str]:
+    """Every variant key of every evidence structure (for the wildcard constraint)."""
+    return sorted({v for s in evidence_structures(cfg) for v in evidence_variants(cfg, s)})
+
+
+def evidence_chunk_ranges(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """``{chunk key: 'k:k+1'}``: one job (and store) per phonon configuration of a variant."""
+    n = int((cfg.get("evidence", {}) or {}).get("phonon_configurations", 1))
+    return {f"c{k}-{k + 1}": f"{k}:{k + 1}" for k in range(n)}
+
+
+def variant_params(cfg: Mapping[str, Any], structure: str, variant: str) -> str:
+    """What a variant simulation depends on: the simulate params plus the variant itself."""
+    from tmask_validate.evidence import variants_from_config
+
+    return _dump({"simulate": simulate_params(cfg, structure),
+                  "variant": variants_from_config(cfg, structure)[variant]})
+
+
+def evidence_thickness_values(cfg: Mapping[str, Any], structure: str) -> dict[str, float]:
+    """``{thickness key: thickness_nm}`` of a structure's evidence series."""
+    ent = cfg["evidence"]["structures"][structure]
+    return {thickness_key(t): float(t) for t in ent["thicknesses_nm"]}
+
+
+def evidence_jobs(cfg: Mapping[str, Any], results_dir: str | Path, ext: str) -> list[str]:
+    """Outputs ``evidence/<structure>/<thickness>.<ext>`` of every evidence job."""
+    return [str(Path(results_dir) / "evidence" / s / f"{t}.{ext}")
+            for s in evidence_structures(cfg) for t in evidence_thickness_values(cfg, s)]
+
+
+def evidence_params(cfg: Mapping[str, Any]) -> str:
+    """The evidence section (what every evidence job depends on)."""
+    return _dump(cfg.get("evidence", {}))
+
+
+def species_evidence_table(cfg: Mapping[str, Any], results_dir: str | Path) -> list[str]:
+    """``[results/species_evidence.csv]`` when the config has an evidence stage, else ``[]``."""
+    if not evidence_structures(cfg):
+        return []
+    return [str(Path(results_dir) / "species_evidence.csv")]

@@ -6,11 +6,13 @@ rule claims:
     input:
         metrics=R / "metrics" / "metrics.csv",
         similarity=R / "metrics" / "mask_similarity.csv",
+        evidence=T.species_evidence_table(CFG, R),
     output:
         R / "claims.csv",
     params:
         config=EFFECTIVE_CONFIG,
         depends=lambda w: T._dump(CFG["analysis"]["claims"]),
+        evidence=lambda w, input: f"--evidence {input.evidence}" if input.evidence else "",
     log:
         R / "logs" / "claims.log",
     threads: res("claims")["threads"]
@@ -19,4 +21,4 @@ rule claims:
         runtime=res("claims")["runtime"],
     shell:
         "tmask-validate claims --config {params.config} --metrics {input.metrics} "
-        "--similarity {input.similarity} --out {output} > {log} 2>&1"
+        "--similarity {input.similarity} {params.evidence} --out {output} > {log} 2>&1"
