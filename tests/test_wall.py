@@ -120,3 +120,24 @@ def test_window_masks_are_cross_fitted():
     np.testing.assert_allclose(res["images"]["O"][top], ref[top], rtol=1e-10)
     np.testing.assert_allclose(res["images"]["O"][~win], res["insample"]["O"][~win])
     assert not np.allclose(res["images"]["O"][win], res["insample"]["O"][win])
+
+
+def test_wall_figure_is_written(wall, tmp_path):
+    """The Fig. 4 panel set renders from a measurement (synthetic images stand in for data)."""
+    from tmask_validate import plots_wall
+
+    atoms, sites = wall
+    a = atoms.info["a_pc_A"]
+    o_img, origin = _image(sites, ["O"])
+    ti_img, _ = _image(sites, ["Ti+O"])
+    pb_img, _ = _image(sites, ["Pb"])
+    disp = D.measure_wall_displacements(ti_img, o_img, sites, step_A=STEP, origin_A=origin,
+                                        cell_A=(a, a))
+    res = {"origin": origin, "step": STEP, "shape": o_img.shape, "displacements": disp,
+           "virtual": {"ADF": pb_img + ti_img, "ABF": -(pb_img + ti_img + o_img)},
+           "images": {"O": o_img, "Ti+O": ti_img, "Pb": pb_img},
+           "masks": {"O": np.outer(np.hanning(9), np.hanning(9)) - 0.3},
+           "window_A": [21.0, 29.0, 11.0, 19.0], "sites": sites, "thickness_nm": 20.0,
+           "dose": None}
+    out = plots_wall.plot_wall_figure(res, tmp_path / "fig4.png", dpi=40)
+    assert out.stat().st_size > 10_000

@@ -222,14 +222,16 @@ def measure_wall_displacements(
     origin_A: Sequence[float],
     cell_A: Sequence[float],
     window_A: float = 0.6,
-    edge_A: float = 1.0,
+    edge_A: float | None = None,
 ) -> dict:
     """Measured vs known Ti–O displacements of a domain-wall field, and the sign flip.
 
     Ti(+O) columns are refined on ``ti_image`` and O columns on ``o_image`` (gaussian fits,
     :func:`tmask_validate.sites.ti_o_displacement_from_images`) starting from the structure's
-    site table; Ti columns within ``edge_A`` of the field edge (incomplete fit windows or O
-    neighbours outside the field) are left out. Sites are in absolute scan coordinates.
+    site table. Ti columns within ``edge_A`` of the field edge are left out: their O
+    neighbours (a/2 away) would have fit windows clipped by the edge, which pulls the fitted
+    position inwards (default ``edge_A`` = a/2 + ``window_A`` + one scan step). Sites are in
+    absolute scan coordinates.
 
     Returns
     -------
@@ -241,6 +243,8 @@ def measure_wall_displacements(
     """
     oy, ox = (float(v) for v in origin_A)
     ny, nx = np.asarray(ti_image).shape
+    if edge_A is None:
+        edge_A = 0.5 * max(float(v) for v in cell_A) + window_A + max(float(v) for v in step_A)
     rel = sites.assign(y_A=sites["y_A"] - oy, x_A=sites["x_A"] - ox)
     inside = ((rel["y_A"] >= -1e-9) & (rel["y_A"] <= (ny - 1) * step_A[0] + 1e-9)
               & (rel["x_A"] >= -1e-9) & (rel["x_A"] <= (nx - 1) * step_A[1] + 1e-9))
