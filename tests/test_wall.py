@@ -141,3 +141,11 @@ def test_wall_figure_is_written(wall, tmp_path):
            "dose": None}
     out = plots_wall.plot_wall_figure(res, tmp_path / "fig4.png", dpi=40)
     assert out.stat().st_size > 10_000
+
+
+def test_flip_needs_both_domains_significant():
+    """One domain at zero within its error is not a flip, whatever the other does."""
+    t = pd.DataFrame({"dy_A": [-0.30, -0.31, -0.29, 0.01, -0.01, 0.02],
+                      "dx_A": [0.0, 0.0, 0.0, -0.01, 0.01, -0.02],
+                      "domain": [1, 1, 1, 2, 2, 2]})
+    assert not bool(D.flip_summary(t).set_index("domain").loc["flip", "flipped"])

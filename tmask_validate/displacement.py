@@ -109,8 +109,9 @@ def flip_summary(table: pd.DataFrame, *, dy: str = "dy_A", dx: str = "dx_A",
     ``wall_distance_A``): the four O neighbours of a column lie within a/2 ≈ 2.0 Å, i.e. within
     1.42 Å of it across the wall, so closer columns mix the two domains by construction.
     The last row (``domain = "flip"``) says whether the mean parallel components of the two
-    domains have opposite signs and differ by more than 3 combined standard errors
-    (``flipped``), and the mean normal components' difference (continuity).
+    domains have opposite signs, each beyond 3 of its standard errors (``flipped``; with a
+    zero spread, as for the structure itself, any non-zero means count), and gives the
+    difference of the mean normal components (continuity).
     """
     if domain not in table:
         raise ValueError(f"table has no {domain!r} column")
@@ -130,8 +131,10 @@ def flip_summary(table: pd.DataFrame, *, dy: str = "dy_A", dx: str = "dx_A",
         a, b = rows
         diff = a["parallel_pm"] - b["parallel_pm"]
         err = float(np.hypot(a["parallel_se_pm"], b["parallel_se_pm"]))
-        flipped = bool(np.sign(a["parallel_pm"]) != np.sign(b["parallel_pm"])
-                       and abs(diff) > 3.0 * err)
+        # each domain's mean is non-zero beyond 3 standard errors, with opposite signs
+        signif = all(abs(r["parallel_pm"]) > 3.0 * np.nan_to_num(r["parallel_se_pm"], nan=np.inf)
+                     for r in (a, b))
+        flipped = bool(signif and np.sign(a["parallel_pm"]) != np.sign(b["parallel_pm"]))
         rows.append({"domain": "flip", "n": a["n"] + b["n"], "parallel_pm": diff,
                      "parallel_se_pm": err,
                      "normal_pm": a["normal_pm"] - b["normal_pm"],
