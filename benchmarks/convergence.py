@@ -166,6 +166,15 @@ def _crop(data: np.ndarray, k_src: tuple[np.ndarray, np.ndarray], max_mrad: floa
     return data[..., sy[0]:sy[-1] + 1, sx[0]:sx[-1] + 1]
 
 
+def _box_crop(data: np.ndarray, k_src: tuple[np.ndarray, np.ndarray], box) -> np.ndarray:
+    """Detector crop to the pixels whose (ky, kx) [mrad] lie in ``box`` = (y0, y1, x0, x1)."""
+    ky, kx = k_src
+    tol = 0.25 * float(np.diff(ky[:2])[0])
+    sy = np.flatnonzero((ky >= box[0] - tol) & (ky <= box[1] + tol))
+    sx = np.flatnonzero((kx >= box[2] - tol) & (kx <= box[3] + tol))
+    return data[..., sy[0]:sy[-1] + 1, sx[0]:sx[-1] + 1]
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, float).ravel() - np.mean(a)
     b = np.asarray(b, float).ravel() - np.mean(b)
@@ -226,7 +235,11 @@ def analyse(args) -> pd.DataFrame:
             if arrs:
                 sds = load_store(st)
                 extra[v] = (arrs, (sds.ky.values, sds.kx.values))
-        max64 = float(np.max(np.abs(ds.ky.values)))
+        k_base = (ds.ky.values, ds.kx.values)
+        # the detector box every sampling variant covers (grids differ by a pixel or two)
+        ks = [k_base] + [extra[v][1] for v in ("samp085", "slice4") if v in extra]
+        box = (max(k[0].min() for k in ks), min(k[0].max() for k in ks),
+               max(k[1].min() for k in ks), min(k[1].max() for k in ks))
         for it, t_nm in enumerate(ds.thickness.values):
             cases = {}  # (family, setting) -> data
             n_avail = [n for n in (1, 2, 4, 8) if n <= len(base)]
@@ -237,14 +250,15 @@ def analyse(args) -> pd.DataFrame:
                 full = _mean(arrs, 1, it)
                 for ext in (40.0, 50.0, 64.0, 90.0):
                     cases[("detector", f"{ext:g} mrad")] = _crop(full, k73, ext)
-                cases[("sampling", "0.073 A")] = _crop(full, k73, max64)
+                cases[("sampling", "0.073 A")] = _box_crop(full, k73, box)
             if "samp085" in extra:
                 arrs, k85 = extra["samp085"]
-                cases[("sampling", "0.085 A")] = _crop(_mean(arrs, 1, it), k85, max64)
-            cases[("sampling", "0.1 A")] = cases[("phonons", "1")]
+                cases[("sampling", "0.085 A")] = _box_crop(_mean(arrs, 1, it), k85, box)
+            cases[("sampling", "0.1 A")] = _box_crop(cases[("phonons", "1")], k_base, box)
             if "slice4" in extra:
-                cases[("slices", "c/4")] = _mean(extra["slice4"][0], 1, it)
-            cases[("slices", "c/2")] = cases[("phonons", "1")]
+                arrs, k4 = extra["slice4"]
+                cases[("slices", "c/4")] = _box_crop(_mean(arrs, 1, it), k4, box)
+            cases[("slices", "c/2")] = cases[("sampling", "0.1 A")]
             refs = {"phonons": f"{n_avail[-1]}", "sampling": "0.073 A", "slices": "c/4",
                     "detector": "90 mrad"}
             res = {key: _measure(np.asarray(d, np.float32), sites, cal.step_A, cell_A,
@@ -258,9 +272,8 @@ def analyse(args) -> pd.DataFrame:
                     if ref is not None:
                         rm = ref[label]["mask"]
                         mm = r["mask"]
-                        if mm.shape != rm.shape:  # detector family: compare the overlap
-                            h = (np.array(rm.shape) - np.array(mm.shape)) // 2
-                            rm = rm[h[0]:h[0] + mm.shape[0], h[1]:h[1] + mm.shape[1]]
+                        if fam == "detector":  # compare the pixels both detectors have
+                            rm = _crop(rm, extra["samp073"][1], float(setting.split()[0]))
                         row["mask_pcc"] = _pearson(mm, rm)
                         row["contrast_rel"] = r["contrast"] / ref[label]["contrast"]
                     row.update({k: r[k] for k in ("contrast", "specificity", "cnr_xfit",

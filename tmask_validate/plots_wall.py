@@ -86,7 +86,7 @@ def plot_wall_figure(res: dict, path: str | Path, *, dpi: int = 110) -> Path:
     ext = (ox - sx / 2, ox + (nx - 0.5) * sx, oy + (ny - 0.5) * sy, oy - sy / 2)
     disp = res["displacements"]
     m = disp["matched"]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 8.4), constrained_layout=True)
+    fig, axes = plt.subplots(2, 4, figsize=(19, 8.8), constrained_layout=True)
     panels = [("virtual ADF 35–64 mrad", res["virtual"]["ADF"]),
               ("virtual ABF 11–23.5 mrad (inverted)", -res["virtual"]["ABF"]),
               ("O mask image (cross-fitted)", res["images"]["O"]),
@@ -130,7 +130,7 @@ def plot_wall_figure(res: dict, path: str | Path, *, dpi: int = 110) -> Path:
     ax.plot(ys + 1.007, ys, "--", color="tab:cyan", lw=1)
     ax.set_xlim(ext[0], ext[1])
     ax.set_ylim(ext[2], ext[3])
-    ax.set_title("Ti − O-centre displacement (×10), measured", fontsize=10)
+    ax.set_title("Ti − O-centre displacement ×10 (mask images)", fontsize=10)
     ax.set_xlabel("x (Å)")
     ax.set_ylabel("y (Å)")
     fig.colorbar(q, ax=ax, shrink=0.8, label="wall-parallel component (pm)")
