@@ -273,7 +273,10 @@ def analyse(args) -> pd.DataFrame:
                         rm = ref[label]["mask"]
                         mm = r["mask"]
                         if fam == "detector":  # compare the pixels both detectors have
-                            rm = _crop(rm, extra["samp073"][1], float(setting.split()[0]))
+                            ky73, kx73 = extra["samp073"][1]
+                            k90 = (ky73[np.abs(ky73) <= 90.0 + 1e-6],
+                                   kx73[np.abs(kx73) <= 90.0 + 1e-6])
+                            rm = _crop(rm, k90, float(setting.split()[0]))
                         row["mask_pcc"] = _pearson(mm, rm)
                         row["contrast_rel"] = r["contrast"] / ref[label]["contrast"]
                     row.update({k: r[k] for k in ("contrast", "specificity", "cnr_xfit",
