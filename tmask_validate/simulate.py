@@ -12,9 +12,11 @@ What one call of :func:`simulate_structure` does, for one structure of a config:
    potential would build every configuration at once), and run one multislice pass over
    the scan with the pixelated detector *and* the annular detectors together, reading the
    whole thickness series from ``exit_planes`` in the same pass;
-3. average the intensities over configurations with a float64 running mean, checkpointed
-   after every configuration next to the output (``<out>.partial/``) so that an interrupted
-   job resumes without recomputing finished configurations;
+3. run the scan in blocks of rows (at most ``block_bytes`` of output each) and write each
+   configuration's float32 result to disk (``<out>.partial/config-<k>/``, renamed into place
+   when complete) so that an interrupted job resumes without recomputing finished
+   configurations; the float64 running mean over configurations is computed chunk by chunk
+   while the store is written, so no job holds a whole thickness series in memory;
 4. write one zarr store (layout: ``/work/contracts.md``, "Simulation store") atomically: a
    temporary directory, ``complete=True`` as the last attribute written, then a rename.
 
@@ -51,6 +53,8 @@ _MC2_KEV = 510.99895
 _HC_KEV_A = 12.398419843320026
 #: intensity variables are float32; chunks hold about this many bytes
 _CHUNK_BYTES = 32 * 2**20
+#: float32 4D output of one scan block of a simulation (all thicknesses)
+_BLOCK_BYTES = 512 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +287,29 @@ def _to_numpy(array) -> np.ndarray:
     return np.asarray(array)
 
 
+def build_potential(atoms, sim: Mapping[str, Any], *, exit_planes: Sequence[int],
+                    slices_A: Sequence[float]):
+    """Prebuilt abTEM potential of one (already displaced) configuration and its grid (x, y).
+
+    Built once (``build(lazy=False)``) and shared by every scan block of that configuration:
+    a lazy potential would be rebuilt for every block.
+    """
+    import abtem
+
+    lx, ly = float(atoms.cell[0, 0]), float(atoms.cell[1, 1])
+    gpts = grid_gpts((lx, ly), float(sim["sampling_A"]))
+    potential = abtem.Potential(
+        atoms,
+        gpts=gpts,
+        slice_thickness=tuple(slices_A),
+        parametrization=sim["parametrization"],
+        projection=sim["projection"],
+        exit_planes=tuple(int(i) for i in exit_planes),
+        device=sim.get("device", "cpu"),
+    )
+    return potential.build(lazy=False), gpts
+
+
 def run_configuration(
     atoms,
     sim: Mapping[str, Any],
@@ -293,6 +320,7 @@ def run_configuration(
     exit_planes: Sequence[int],
     slices_A: Sequence[float],
     progress: bool = False,
+    potential=None,
 ) -> dict[str, np.ndarray]:
     """One multislice pass of an (already displaced) structure with all detectors.
 
@@ -310,6 +338,9 @@ def run_configuration(
         0-based slice indices at which the wave is detected.
     slices_A : sequence of float
         Slice thicknesses [Å] (see :func:`thickness_series`).
+    potential : (abtem potential, gpts), optional
+        A prebuilt potential of ``atoms`` (:func:`build_potential`) to reuse, e.g. for the
+        scan blocks of one configuration; built here when not given.
 
     Returns
     -------
@@ -320,18 +351,9 @@ def run_configuration(
     import abtem
 
     t0, c0 = time.perf_counter(), time.process_time()
-    lx, ly = float(atoms.cell[0, 0]), float(atoms.cell[1, 1])
-    gpts = grid_gpts((lx, ly), float(sim["sampling_A"]))
-    potential = abtem.Potential(
-        atoms,
-        gpts=gpts,
-        slice_thickness=tuple(slices_A),
-        parametrization=sim["parametrization"],
-        projection=sim["projection"],
-        exit_planes=tuple(int(i) for i in exit_planes),
-        device=sim.get("device", "cpu"),
-    )
-    potential = potential.build(lazy=False)
+    if potential is None:
+        potential = build_potential(atoms, sim, exit_planes=exit_planes, slices_A=slices_A)
+    potential, gpts = potential
     t1, c1 = time.perf_counter(), time.process_time()
     probe = make_probe(sim)
     (y0, x0), (dy, dx), (ny, nx) = scan_start_A, scan_step_A, scan_shape
@@ -356,18 +378,110 @@ def run_configuration(
         # abTEM (z, scan_x, scan_y, kx, ky) -> ours (z, scan_y, scan_x, ky, kx)
         "intensity": np.ascontiguousarray(arr.transpose(0, 2, 1, 4, 3), dtype=np.float32)
     }
+    del arr, patterns
     for name, meas in zip(names, measurements[1:], strict=True):
         img = _to_numpy(meas.array)
         if img.ndim == 2:
             img = img[None]
         out[f"detector_{name}"] = np.ascontiguousarray(img.transpose(0, 2, 1), dtype=np.float32)
-    samp = patterns.angular_sampling  # (kx, ky) mrad per pixel
+    samp = measurements[0].angular_sampling  # (kx, ky) mrad per pixel
     out["mrad_per_px"] = np.array([samp[1], samp[0]], dtype=float)
     out["gpts"] = np.array([gpts[1], gpts[0]])  # (y, x)
     t2, c2 = time.perf_counter(), time.process_time()
     # [build wall, build cpu, multislice+detect wall, multislice+detect cpu] in s
     out["timing_s"] = np.array([t1 - t0, c1 - c0, t2 - t1, c2 - c1])
     return out
+
+
+def _pattern_px_bound(atoms, sim: Mapping[str, Any]) -> int:
+    """Upper bound of the pixels of one pattern up to ``max_angle_mrad`` (for block sizes).
+
+    The detector pixel is lambda / L (L = lateral cell extent) per axis; the pattern spans
+    ``+-max_angle`` plus a pixel of margin on each side.
+    """
+    lam = wavelength_A(float(sim["energy_keV"]))
+    n = 1
+    for extent in (float(atoms.cell[0, 0]), float(atoms.cell[1, 1])):
+        px_mrad = lam / extent * 1e3
+        n *= 2 * int(math.ceil(float(sim["max_angle_mrad"]) / px_mrad)) + 3
+    return n
+
+
+def scan_block_rows(n_rows: int, bytes_per_row: int, block_bytes: int) -> list[tuple[int, int]]:
+    """Split ``n_rows`` scan rows into ``[r0, r1)`` blocks of at most ``block_bytes`` output.
+
+    A block holds at least one row (a row larger than ``block_bytes`` is its own block).
+    """
+    if n_rows < 1 or bytes_per_row < 1 or block_bytes < 1:
+        raise ValueError("n_rows, bytes_per_row and block_bytes must be >= 1")
+    rows = max(1, int(block_bytes) // int(bytes_per_row))
+    return [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
+
+
+def run_configuration_to_disk(
+    atoms,
+    sim: Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    scan_start_A: tuple[float, float],
+    scan_step_A: tuple[float, float],
+    scan_shape: tuple[int, int],
+    exit_planes: Sequence[int],
+    slices_A: Sequence[float],
+    block_bytes: int,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """:func:`run_configuration` in blocks of scan rows, written to ``.npy`` files on disk.
+
+    The potential is built once; the scan is run in blocks of whole scan rows holding at most
+    ``block_bytes`` of float32 4D output (all thicknesses), and each block is written into a
+    memory-mapped ``<out_dir>/<key>.npy`` (``intensity`` (thickness, scan_y, scan_x, ky, kx),
+    ``detector_<NAME>`` (thickness, scan_y, scan_x)). Peak memory is the potential plus one
+    block (plus abTEM's wave batch), not the whole configuration. ``out_dir`` is written in
+    place: callers write into a temporary directory and rename it when this returns.
+
+    Returns
+    -------
+    dict
+        ``mrad_per_px``, ``gpts`` (y, x) and ``timing_s`` (as :func:`run_configuration`) and
+        ``blocks`` (the ``(r0, r1)`` row blocks run).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    pot = build_potential(atoms, sim, exit_planes=exit_planes, slices_A=slices_A)
+    t1, c1 = time.perf_counter(), time.process_time()
+    (y0, x0), (dy, dx), (ny, nx) = scan_start_A, scan_step_A, scan_shape
+
+    def _block(r0: int, r1: int) -> dict[str, np.ndarray]:
+        return run_configuration(
+            atoms, sim, scan_start_A=(y0 + r0 * dy, x0), scan_step_A=(dy, dx),
+            scan_shape=(r1 - r0, nx), exit_planes=exit_planes, slices_A=slices_A,
+            progress=progress, potential=pot)
+
+    files: dict[str, np.memmap] = {}
+    meta: dict[str, Any] = {}
+    row_bytes = len(exit_planes) * nx * _pattern_px_bound(atoms, sim) * 4
+    blocks = scan_block_rows(ny, row_bytes, block_bytes)
+    for r0, r1 in blocks:
+        res = _block(r0, r1)
+        meta["mrad_per_px"] = res.pop("mrad_per_px")
+        meta["gpts"] = res.pop("gpts")
+        res.pop("timing_s")
+        for key, value in res.items():
+            if key not in files:
+                shape = (value.shape[0], ny) + value.shape[2:]
+                files[key] = np.lib.format.open_memmap(
+                    out_dir / f"{key}.npy", mode="w+", dtype=np.float32, shape=shape)
+            files[key][:, r0:r1] = value
+        del res
+    for mm in files.values():
+        mm.flush()
+    del files
+    t2, c2 = time.perf_counter(), time.process_time()
+    meta["timing_s"] = np.array([t1 - t0, c1 - c0, t2 - t1, c2 - c1])
+    meta["blocks"] = blocks
+    return meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,32 +493,89 @@ def _checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _save_checkpoint(ckpt: Path, mean: dict[str, np.ndarray], state: dict) -> None:
-    """Atomically replace the checkpoint (directory of .npy files + state.json)."""
-    tmp = ckpt.with_name(ckpt.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for key, value in mean.items():
-        np.save(tmp / f"{key}.npy", value)
-    (tmp / "state.json").write_text(json.dumps(state))
-    old = ckpt.with_name(ckpt.name + f".old-{os.getpid()}")
-    if ckpt.exists():
-        ckpt.rename(old)
-    tmp.rename(ckpt)
-    if old.exists():
-        shutil.rmtree(old)
+#: layout version of ``<out>.partial/``: one ``config-<k>/`` directory of float32 ``.npy``
+#: results per finished configuration plus ``state.json`` (version 1 held the running mean)
+_CHECKPOINT_FORMAT = 2
 
 
-def _load_checkpoint(ckpt: Path, fingerprint: str) -> tuple[dict[str, np.ndarray], dict] | None:
+def _config_dir(ckpt: Path, k: int) -> Path:
+    return ckpt / f"config-{int(k)}"
+
+
+def _save_state(ckpt: Path, state: dict) -> None:
+    """Atomically replace ``<ckpt>/state.json``."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / f"state.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, ckpt / "state.json")
+
+
+def _load_checkpoint(ckpt: Path, fingerprint: str) -> dict | None:
+    """State of a checkpoint of the same settings, or None (a stale one is removed).
+
+    Configurations listed as done whose result directory is missing are dropped (they are
+    recomputed).
+    """
     state_file = ckpt / "state.json"
     if not state_file.is_file():
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
         return None
     state = json.loads(state_file.read_text())
-    if state.get("fingerprint") != fingerprint:
-        return None  # settings changed: start afresh
-    mean = {p.stem: np.load(p) for p in ckpt.glob("*.npy")}
-    return mean, state
+    if (state.get("fingerprint") != fingerprint
+            or state.get("format") != _CHECKPOINT_FORMAT):
+        shutil.rmtree(ckpt)  # settings or layout changed: start afresh
+        return None
+    state["done"] = [k for k in state["done"] if (_config_dir(ckpt, k) / "done").is_file()]
+    return state
+
+
+def _store_chunks(shape: Sequence[int], itemsize: int) -> tuple[int, ...]:
+    """zarr chunks of a (thickness, scan_y, scan_x, ky, kx) variable: one thickness, whole
+    rows of patterns, about ``_CHUNK_BYTES`` per chunk."""
+    row_bytes = int(np.prod(shape[2:])) * int(itemsize)
+    rows = max(1, min(int(shape[1]), _CHUNK_BYTES // max(row_bytes, 1)))
+    return (1, rows) + tuple(int(v) for v in shape[2:])
+
+
+def _running_mean(arrays: Sequence[Any], chunks: Sequence[int] | None = None):
+    """Lazy float64 running mean over configurations (dask), computed chunk by chunk.
+
+    ``m = a_0; m += (a_n - m) / (n + 1)`` in float64 for n = 1, 2, ... in the given order:
+    the same arithmetic as the in-memory running mean, on one chunk at a time.
+    """
+    import dask.array as da
+
+    if chunks is None:
+        chunks = arrays[0].shape
+    lazy = [da.from_array(a, chunks=tuple(chunks)) if not isinstance(a, da.Array)
+            else a.rechunk(tuple(chunks)) for a in arrays]
+
+    def _mean(*blocks):
+        m = blocks[0].astype(np.float64)
+        for n, v in enumerate(blocks[1:], start=2):
+            m += (v - m) / n
+        return m
+
+    return da.map_blocks(_mean, *lazy, dtype=np.float64)
+
+
+def _checkpoint_mean(ckpt: Path, order: Sequence[int]) -> dict[str, Any]:
+    """Lazy running means (dask, float64) of the per-configuration results in ``ckpt``."""
+    first = _config_dir(ckpt, order[0])
+    out: dict[str, Any] = {}
+    for path in sorted(first.glob("*.npy")):
+        key = path.stem
+        arrays = [np.load(_config_dir(ckpt, k) / f"{key}.npy", mmap_mode="r") for k in order]
+        chunks = (_store_chunks(arrays[0].shape, 4) if arrays[0].ndim == 5
+                  else arrays[0].shape)
+        out[key] = _running_mean(arrays, chunks)
+    return out
+
+
+def _write_workers() -> int:
+    """Threads that write a store from lazy arrays (bounds memory: ~ a few chunks each)."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,6 +687,7 @@ def simulate_structure(
     progress: bool = True,
     keep_checkpoint: bool = False,
     variant: Mapping[str, Any] | None = None,
+    block_bytes: int | None = None,
 ) -> Path:
     """Simulate one structure of a config and write the simulation store ``out``.
 
@@ -533,13 +705,20 @@ def simulate_structure(
     progress : bool
         Show tqdm progress bars (configurations and abTEM tasks).
     keep_checkpoint : bool
-        Keep ``<out>.partial/`` after success (normally removed).
+        Keep ``<out>.partial/`` after success (normally removed). It holds every finished
+        configuration's float32 result (``config-<k>/intensity.npy`` ...), e.g. to study
+        convergence with the number of configurations.
     variant : mapping, optional
         A species-evidence variant (:func:`tmask_validate.evidence.variants_from_config`):
         its own thickness series, and the atoms of one column type removed (occupancy 0) or
         thinned (0 < occupancy < 1) AFTER the phonon displacement of the full crystal
         (:func:`variant_configuration`), so every variant of a structure shares the seeds and
         the displacements of its common atoms. The variant is recorded in the store's attrs.
+    block_bytes : int, optional
+        Largest float32 4D output (all thicknesses) of one scan block (default
+        ``_BLOCK_BYTES``). Memory holds one block, never a whole configuration, and the
+        running mean over configurations is computed chunk by chunk while the store is
+        written, so peak memory is about potential + block + abTEM's wave batch.
 
     Returns
     -------
@@ -548,6 +727,10 @@ def simulate_structure(
     from tqdm.auto import tqdm
 
     out = Path(out)
+    if block_bytes is None:
+        block_bytes = _BLOCK_BYTES
+    if int(block_bytes) < 1:
+        raise ValueError(f"block_bytes must be >= 1, got {block_bytes!r}")
     sim = config["simulation"]
     check_simulation(sim)
     n_total = int(sim["phonons"]["configurations"])
@@ -567,13 +750,11 @@ def simulate_structure(
         sort_keys=True, default=str)
 
     ckpt = _checkpoint_dir(out)
-    loaded = _load_checkpoint(ckpt, fingerprint)
-    if loaded is None:
-        mean: dict[str, np.ndarray] = {}
-        state = {"fingerprint": fingerprint, "done": [], "wall_time_s": 0.0, "cpu_time_s": 0.0,
-                 "meta": {}}
-    else:
-        mean, state = loaded
+    state = _load_checkpoint(ckpt, fingerprint)
+    if state is None:
+        state = {"fingerprint": fingerprint, "format": _CHECKPOINT_FORMAT, "done": [],
+                 "wall_time_s": 0.0, "cpu_time_s": 0.0, "meta": {}}
+        _save_state(ckpt, state)
 
     todo = [k for k in indices if k not in state["done"]]
     bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=f"{structure} phonons",
@@ -584,33 +765,39 @@ def simulate_structure(
                                         sim["phonons"]["rms_displacement_A"],
                                         phonon_seed(int(config["seed"]), structure, k),
                                         sim["phonons"].get("directions", "xyz"))
-        res = run_configuration(
-            atoms_k, sim,
+        final = _config_dir(ckpt, k)
+        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+        for d in (tmp, final):
+            if d.exists():
+                shutil.rmtree(d)
+        meta = run_configuration_to_disk(
+            atoms_k, sim, tmp,
             scan_start_A=tuple(scan["start_A"]), scan_step_A=tuple(scan["step_A"]),
             scan_shape=tuple(scan["shape"]), exit_planes=setup["planes"],
-            slices_A=setup["slices"], progress=progress,
+            slices_A=setup["slices"], block_bytes=int(block_bytes), progress=progress,
         )
-        state["meta"] = {"mrad_per_px": res.pop("mrad_per_px").tolist(),
-                         "gpts": res.pop("gpts").tolist()}
-        timing = res.pop("timing_s")
-        state["potential_build_s"] = state.get("potential_build_s", 0.0) + float(timing[0])
-        n_done = len(state["done"]) + 1
-        for key, value in res.items():
-            if key not in mean:
-                mean[key] = value.astype(np.float64)
-                continue
-            for it in range(value.shape[0]):  # running mean in float64, one thickness at a time
-                m = mean[key][it]
-                m += (value[it] - m) / n_done
+        (tmp / "done").write_text("")
+        tmp.rename(final)
+        state["meta"] = {"mrad_per_px": meta["mrad_per_px"].tolist(),
+                         "gpts": meta["gpts"].tolist(),
+                         "scan_blocks": [list(b) for b in meta["blocks"]]}
+        state["potential_build_s"] = state.get("potential_build_s", 0.0) + float(
+            meta["timing_s"][0])
         state["done"].append(k)
         state["wall_time_s"] += time.perf_counter() - t0
         state["cpu_time_s"] = state.get("cpu_time_s", 0.0) + time.process_time() - c0
-        _save_checkpoint(ckpt, mean, state)
+        _save_state(ckpt, state)
         bar.update(1)
     bar.close()
 
+    import dask
+
+    # the mean streams from the per-configuration files into the store, chunk by chunk
+    mean = _checkpoint_mean(ckpt, state["done"])
     ds = _assemble_dataset(config, structure, setup, mean, state, indices, seeds)
-    write_store(ds, out)
+    with dask.config.set(scheduler="threads", num_workers=_write_workers()):
+        write_store(ds, out)
+    del ds, mean
     if not keep_checkpoint and ckpt.exists():
         shutil.rmtree(ckpt)
     return out
@@ -693,9 +880,7 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict]:
     enc: dict[str, dict] = {}
     for name, var in ds.data_vars.items():
         if var.dims[-2:] == ("ky", "kx"):
-            row_bytes = int(np.prod(var.shape[2:])) * var.dtype.itemsize
-            rows = max(1, min(var.shape[1], _CHUNK_BYTES // max(row_bytes, 1)))
-            enc[name] = {"chunks": (1, rows) + tuple(var.shape[2:])}
+            enc[name] = {"chunks": _store_chunks(var.shape, var.dtype.itemsize)}
     return enc
 
 
@@ -791,6 +976,9 @@ def combine_stores(paths: Iterable[str | Path], out: str | Path) -> Path:
 
     The chunks must come from the same config and structure and cover disjoint
     configurations; the result equals (to float32 rounding) one run with all of them.
+    Streams: each output zarr chunk (one thickness, whole rows of patterns, ~32 MiB) is
+    accumulated in float64 from the same chunk of every input and written, two chunks at a
+    time, so memory stays at a few chunks whatever the size of the stores.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -825,11 +1013,9 @@ def combine_stores(paths: Iterable[str | Path], out: str | Path) -> Path:
     out_vars = {}
     for name, var in first.data_vars.items():
         if "thickness" in var.dims:
-            acc = np.zeros(var.shape, dtype=np.float64)
-            for w, ds in zip(weights, stores, strict=True):
-                for it in range(var.shape[0]):  # stream per thickness
-                    acc[it] += w * ds[name][it].values.astype(np.float64)
-            out_vars[name] = (var.dims, acc.astype(np.float32), dict(var.attrs))
+            mean = _weighted_sum([ds[name].data for ds in stores], weights,
+                                 _combine_chunks(var))
+            out_vars[name] = (var.dims, mean.astype(np.float32), dict(var.attrs))
         else:
             out_vars[name] = (var.dims, var.values, dict(var.attrs))
     order = np.argsort(seen)
@@ -845,7 +1031,38 @@ def combine_stores(paths: Iterable[str | Path], out: str | Path) -> Path:
     )
     coords = {k: (v.dims, v.values, dict(v.attrs)) for k, v in first.coords.items()}
     combined = xr.Dataset(out_vars, coords=coords, attrs=attrs)
-    return write_store(combined, out)
+    import dask
+
+    # streams: every output chunk reads the same chunk of each input, one chunk at a time
+    with dask.config.set(scheduler="threads", num_workers=_write_workers()):
+        return write_store(combined, out)
+
+
+def _combine_chunks(var: xr.DataArray) -> tuple[int, ...]:
+    """Chunks of a combined variable: the store's own for 4D data, else one per thickness."""
+    if var.dims[-2:] == ("ky", "kx"):
+        return _store_chunks(var.shape, 4)
+    return (1,) + tuple(int(v) for v in var.shape[1:])
+
+
+def _weighted_sum(arrays: Sequence[Any], weights: np.ndarray, chunks: Sequence[int]):
+    """Lazy float64 ``sum_i w_i a_i`` (dask), accumulated chunk by chunk in input order.
+
+    The arithmetic per element is that of ``acc = 0; acc += w_i * float64(a_i)``.
+    """
+    import dask.array as da
+
+    lazy = [a.rechunk(tuple(chunks)) if isinstance(a, da.Array)
+            else da.from_array(a, chunks=tuple(chunks)) for a in arrays]
+    w = [float(v) for v in weights]
+
+    def _acc(*blocks):
+        acc = np.zeros(blocks[0].shape, dtype=np.float64)
+        for wi, b in zip(w, blocks, strict=True):
+            acc += wi * b.astype(np.float64)
+        return acc
+
+    return da.map_blocks(_acc, *lazy, dtype=np.float64)
 
 
 def noise_store(in_path: str | Path, out: str | Path, *, dose_e_per_A2: float,

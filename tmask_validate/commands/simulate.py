@@ -16,6 +16,16 @@ import argparse
 import time
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from tmask_validate import simulate
     from tmask_validate.config import load_config
@@ -34,6 +44,8 @@ def _simulate(args: argparse.Namespace) -> int:
     out = simulate.simulate_structure(
         config, args.structure, args.out, configurations=args.configurations,
         progress=not args.quiet, variant=variant,
+        block_bytes=None if args.block_mb is None else int(args.block_mb * 2**20),
+        keep_checkpoint=args.keep_checkpoint,
     )
     print(f"wrote {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -54,7 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Frozen-phonon multislice simulation of one structure of a config: "
         "4D data at every thickness of the series plus the conventional annular detector "
         "images, written atomically to a zarr store. Resumable: finished phonon "
-        "configurations are kept in <out>.partial/ until the store is written.",
+        "configurations are kept in <out>.partial/ until the store is written. The scan "
+        "runs in blocks of rows and the mean streams to disk, so memory stays bounded.",
     )
     p.add_argument("--config", required=True, help="config YAML (e.g. config/smoke.yaml)")
     p.add_argument("--structure", required=True, help="key of the structures section")
@@ -64,6 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a species-evidence variant of the structure (evidence section), e.g. "
                    "crystal, Li-x0 (Li columns emptied), Li-x0.5")
     p.add_argument("--out", required=True, help="output zarr store")
+    p.add_argument("--block-mb", type=_positive_float, default=None, metavar="MB",
+                   help="largest float32 output of one scan block in MiB (default 512): "
+                   "memory holds one block, not the whole scan")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep <out>.partial/ (every configuration's own result) after success")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_simulate)
 
