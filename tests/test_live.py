@@ -141,7 +141,8 @@ class Sim:
              "--trigger-port", str(self.trigger_port), *extra],
             stdout=self.fh, stderr=subprocess.STDOUT)
 
-    def wait_listening(self, timeout_s: float = 45.0) -> None:
+    def wait_listening(self, timeout_s: float = 180.0) -> None:
+        # six simulators import the LiberTEM stack at once: ~45 s was too short on a busy 2-core box
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout_s:
             if "DataSocketServer listening" in self.log.read_text(errors="replace"):
