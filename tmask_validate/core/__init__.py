@@ -14,8 +14,11 @@ center_of_mass, integrated_center_of_mass, estimate_center_px
     CoM (points towards atoms) and iCoM (atoms bright).
 sorted_d_matrix, angular_profiles
     Arrays behind Fig. 1c and Fig. 2c.
-use_numba, DEFAULT_CHUNK_BYTES
-    Backend switch (compiled kernels vs plain numpy) and the default chunk byte budget.
+use_numba, use_float32, DEFAULT_CHUNK_BYTES
+    Backend switches (compiled kernels vs plain numpy; float32 tiles vs float64 throughout
+    for large data) and the default chunk byte budget.
+PCCMask
+    The mask :func:`pcc_mask` returns: an ndarray carrying the data's column statistics.
 """
 
 from ._detectors import (
@@ -28,10 +31,11 @@ from ._detectors import (
     virtual_images,
 )
 from ._figures import angular_profiles, sorted_d_matrix
-from ._kernels import use_numba
+from ._kernels import use_float32, use_numba
 from ._pcc import (
     NORMALISATIONS,
     ColumnStats,
+    PCCMask,
     apply_mask,
     column_stats,
     eigen_image,
@@ -44,6 +48,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "NORMALISATIONS",
     "ColumnStats",
+    "PCCMask",
     "angular_profiles",
     "annular_mask",
     "apply_mask",
@@ -56,6 +61,7 @@ __all__ = [
     "scattering_angle_mrad",
     "sorted_d_matrix",
     "template_mask_image",
+    "use_float32",
     "use_numba",
     "virtual_detector_masks",
     "virtual_images",

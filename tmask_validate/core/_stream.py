@@ -28,10 +28,10 @@ DEFAULT_CHUNK_BYTES = 32 * 2**20
 #: call).  Capped so that a memmapped file is still streamed through the page cache once.
 VIEW_CHUNK_BYTES = 512 * 2**20
 
-#: dtypes the compiled kernels read directly (few specialisations = short compile times);
-#: other real dtypes are converted per chunk: uint8 -> uint16 (exact, cheap), anything
-#: else (uint32, int*, float16, bool) -> float64 (exact for 32-bit integers).
-NATIVE_DTYPES = (np.uint16, np.float32, np.float64)
+#: dtypes the compiled kernels read directly (no conversion copy); other real dtypes
+#: (int*, uint64, float16, bool) are converted per chunk to float64 (exact for 32-bit
+#: integers).
+NATIVE_DTYPES = (np.uint8, np.uint16, np.uint32, np.float32, np.float64)
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,10 @@ def rows_per_chunk(info: DataInfo, chunk_bytes: int | None, itemsize: int | None
 
 def kernel_dtype_chunk(chunk: np.ndarray) -> np.ndarray:
     """Return ``chunk`` as a C-contiguous 2D array of a dtype the kernels read natively."""
-    if chunk.dtype.type not in NATIVE_DTYPES:
-        chunk = chunk.astype(np.uint16 if chunk.dtype == np.uint8 else np.float64)
+    if chunk.dtype.type not in NATIVE_DTYPES or not chunk.dtype.isnative:
+        if chunk.dtype.type in NATIVE_DTYPES:  # e.g. big-endian '>u2' (MIB): same values
+            return np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("="))
+        chunk = chunk.astype(np.float64)
     return np.ascontiguousarray(chunk)
 
 
