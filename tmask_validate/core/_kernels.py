@@ -631,6 +631,60 @@ if _HAVE_NUMBA:
             out[j, 2] = mx
 
 
+if _HAVE_NUMBA:
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _gather_be2(buf, off, stride, out):  # pragma: no cover - compiled
+        # out[j, c] = big-endian uint16 at buf[off + j*stride + 2c]
+        r, n = out.shape
+        for j in prange(r):
+            src = buf[off + j * stride: off + j * stride + 2 * n]
+            dst = out[j]
+            for c in range(n):
+                dst[c] = (np.uint16(src[2 * c]) << np.uint16(8)) | np.uint16(src[2 * c + 1])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _gather_be4(buf, off, stride, out):  # pragma: no cover - compiled
+        r, n = out.shape
+        for j in prange(r):
+            src = buf[off + j * stride: off + j * stride + 4 * n]
+            dst = out[j]
+            for c in range(n):
+                dst[c] = ((np.uint32(src[4 * c]) << np.uint32(24))
+                          | (np.uint32(src[4 * c + 1]) << np.uint32(16))
+                          | (np.uint32(src[4 * c + 2]) << np.uint32(8))
+                          | np.uint32(src[4 * c + 3]))
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _gather_bytes(buf, off, stride, out):  # pragma: no cover - compiled
+        # native-order rows: out (r, nbytes) uint8
+        r, n = out.shape
+        for j in prange(r):
+            src = buf[off + j * stride: off + j * stride + n]
+            dst = out[j]
+            for c in range(n):
+                dst[c] = src[c]
+
+
+def gather_rows(buf: np.ndarray, off: int, stride: int, dtype: np.dtype, out: np.ndarray
+                ) -> None:
+    """Copy ``out.shape[0]`` rows of ``dtype`` from a flat uint8 buffer into native ``out``.
+
+    Row ``j`` starts at byte ``off + j * stride``; big-endian 2- and 4-byte values are
+    byte-swapped on the way (e.g. MIB frame payloads between their headers).
+    """
+    dtype = np.dtype(dtype)
+    with _LAUNCH_LOCK:
+        if dtype.isnative or dtype.itemsize == 1:
+            _gather_bytes(buf, off, stride, out.view(np.uint8).reshape(out.shape[0], -1))
+        elif dtype.itemsize == 2 and dtype.kind == "u":
+            _gather_be2(buf, off, stride, out)
+        elif dtype.itemsize == 4 and dtype.kind == "u":
+            _gather_be4(buf, off, stride, out)
+        else:  # pragma: no cover - other swapped dtypes: numpy
+            raise TypeError(dtype)
+
+
 def _shift_pair(x: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 and float64 shifts for the tile kernels, and their difference from ``shift``.
 
@@ -704,6 +758,7 @@ class ApplyPlan:
     """Weights and shift of an ``apply_weights`` pass, converted once for the float32 tiles."""
 
     def __init__(self, mu: np.ndarray, w: np.ndarray, x_dtype: np.dtype) -> None:
+        self.dtype = np.dtype(x_dtype)
         self.mu = np.ascontiguousarray(mu, dtype=np.float64)
         self.w = np.ascontiguousarray(w, dtype=np.float64)
         self.w32 = self.w.astype(np.float32)

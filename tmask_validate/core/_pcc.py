@@ -392,11 +392,11 @@ def _pass_apply(
             run_sums(x, starts, labels, uniq.shape[0], lab)
             np.matmul(lab, uniq, out=out[r0 : r0 + x.shape[0]])
     else:
-        tiles = ApplyPlan(mu, w, info.dtype) if fast_for(info.m * info.n) else None
+        tiles = None
         for r0, x in iter_row_chunks(data, info, chunk_bytes):
             _check_digest(x, r0, info.m, expect)
-            if tiles is not None and x.dtype != info.dtype:  # converted chunk (e.g. int16)
-                tiles = ApplyPlan(mu, w, x.dtype)
+            if fast_for(info.m * info.n) and (tiles is None or x.dtype != tiles.dtype):
+                tiles = ApplyPlan(mu, w, x.dtype)  # once (per chunk dtype)
             apply_weights(x, mu, w, out[r0 : r0 + x.shape[0]], plan=tiles)
     check_finite_result(out)
     return np.ascontiguousarray(out.T)
