@@ -22,7 +22,7 @@ TOL = 1e-6
 
 @pytest.fixture
 def tiles():
-    """Force the float32 tiles on every size (normally only data >= 4 Mi elements)."""
+    """Force the float32 tiles on every size (normally only data >= 16 Mi elements)."""
     prev_min, prev_flag = _kernels.FAST_MIN_ELEMENTS, core.use_float32()
     _kernels.FAST_MIN_ELEMENTS = 0
     core.use_float32(True)
@@ -219,3 +219,42 @@ def test_carried_stats_are_not_used_on_other_data():
     st = core.column_stats(data)
     np.testing.assert_allclose(mask.column_stats.mean, st.mean, rtol=1e-15)
     np.testing.assert_allclose(mask.column_stats.std, st.std, rtol=1e-15)
+
+
+# ----------------------------------------------------------------------------- MIB memmap
+@pytest.mark.parametrize("bits", [1, 6, 12, 24])
+def test_mib_memmap_streams_like_the_array(tmp_path, bits):
+    from tmask_validate import io
+
+    rng = np.random.default_rng(bits)
+    d = rng.integers(0, 2**bits, size=(6, 7, 20, 24)).astype(np.uint32)
+    path = io.write_mib(tmp_path / "scan.mib", d, bit_depth=bits)
+    mm = io.mib_memmap(path)
+    assert mm.shape == d.shape and not mm.flags.writeable
+    np.testing.assert_array_equal(mm, d)
+    np.testing.assert_array_equal(mm, io.load(path).values)
+    tmpl = rng.normal(size=(3, 6, 7))
+    w = rng.random((4, 20, 24))
+    for cb in (None, 3 * 20 * 24 * 4 + 1):  # one block / many staged blocks
+        r, img = core.template_mask_image(mm, tmpl, chunk_bytes=cb)
+        r0, img0 = core.template_mask_image(d, tmpl)
+        np.testing.assert_allclose(r, r0, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(img, img0, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(core.virtual_images(mm, w > 0.5, chunk_bytes=cb),
+                                      core.virtual_images(d, w > 0.5))
+        np.testing.assert_allclose(core.center_of_mass(mm, chunk_bytes=cb),
+                                   core.center_of_mass(d), rtol=1e-13, atol=1e-13)
+
+
+def test_mib_memmap_bad_files(tmp_path):
+    from tmask_validate import io
+
+    d = np.random.default_rng(0).integers(0, 4096, size=(3, 4, 8, 8))
+    path = io.write_mib(tmp_path / "scan.mib", d, bit_depth=12, frames_per_trigger=1)
+    assert io.mib_memmap(path).shape == d.shape  # from the flyback gaps
+    with pytest.raises(ValueError, match="needs 6 frames"):
+        io.mib_memmap(path, scan_shape=(2, 3))
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        io.mib_memmap(path)
