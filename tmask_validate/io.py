@@ -50,6 +50,7 @@ from tmask_validate.calibration import Calibration, resolve_calibration, sidecar
 __all__ = [
     "load",
     "write_mib",
+    "mib_memmap",
     "read_mib_header",
     "infer_mib_scan_shape",
     "check_zarr_chunks",
@@ -559,6 +560,55 @@ def _open_mib(path: Path, scan_shape: tuple[int, int] | None) -> tuple[da.Array,
     if conflict:
         info["scan_shape_warning"] = conflict
     return arr, info
+
+
+def mib_memmap(path: str | os.PathLike, scan_shape: tuple[int, int] | None = None
+               ) -> np.ndarray:
+    """The frame payloads of a Merlin ``.mib`` file as a read-only memory-mapped array.
+
+    A ``(scan_y, scan_x, ky, kx)`` numpy view of the file itself, strided over the frame
+    headers, in the stored dtype and byte order (``>u1``/``>u2``/``>u4`` for 1/6-, 12-, 24-bit
+    counts), rows as stored (``ky`` = row 0 first, as :func:`load`).  Nothing is read up
+    front and no dask graph is built: the :mod:`tmask_validate.core` functions stream it in
+    cache-sized blocks straight from the page cache.  Checks as :func:`load`: the file must
+    hold only complete frames (and as many as its ``.hdr`` announces); the scan shape comes
+    from ``scan_shape``, else the ``.hdr`` (frames per trigger), else the flyback gaps of the
+    frame timestamps.
+    """
+    p = Path(path)
+    head = read_mib_header(p)
+    n = head["n_complete"]
+    hdr_path = p.with_suffix(".hdr")
+    hdr = _parse_hdr(hdr_path) if hdr_path.is_file() else {}
+    if head["remainder_bytes"]:
+        raise ValueError(
+            f"{p}: truncated MIB file: {n} complete frames readable, then "
+            f"{head['remainder_bytes']} of {head['frame_bytes']} bytes of a partial frame")
+    announced = hdr.get("Frames in Acquisition (Number)", "")
+    if announced.isdigit() and n < int(announced):
+        raise ValueError(f"{p}: truncated MIB file: the .hdr announces {announced} frames but "
+                         f"only {n} complete frames are readable")
+    if scan_shape is None:
+        fpt = hdr.get("Frames per Trigger (Number)", "1")
+        fpt = int(fpt) if fpt.isdigit() else 1
+        if fpt > 1 and n % fpt == 0:
+            scan_shape = (n // fpt, fpt)
+        else:
+            times = _frame_times_s(p, head, n)
+            scan_shape = infer_mib_scan_shape(times) if times is not None else None
+        if scan_shape is None:
+            raise ValueError(f"{p}: the file holds {n} frames but does not say the scan "
+                             f"shape; pass scan_shape=(scan_y, scan_x)")
+    sy, sx = _check_scan_shape(scan_shape)
+    if sy * sx != n:
+        raise ValueError(f"{p}: scan_shape {(sy, sx)} needs {sy * sx} frames but the file "
+                         f"holds {n} complete frames")
+    rows, cols = head["frame_shape"]
+    dt = np.dtype(head["stored_dtype"])
+    fb = head["frame_bytes"]
+    mm = np.memmap(p, dtype=np.uint8, mode="r")
+    return np.ndarray((sy, sx, rows, cols), dtype=dt, buffer=mm, offset=head["header_bytes"],
+                      strides=(sx * fb, fb, cols * dt.itemsize, dt.itemsize))
 
 
 def _mib_header(

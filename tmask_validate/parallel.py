@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .core import ColumnStats
+from .core._kernels import ApplyPlan, apply_weights, fast_for, stats_tprod
 from .core._pcc import (
     _apply_weights,
     _check_normalisation,
@@ -44,7 +45,7 @@ from .core._pcc import (
     _restrict_stats,
     _weights_for,
 )
-from .core._stream import check_data
+from .core._stream import check_data, kernel_dtype_chunk
 
 __all__ = [
     "apply_mask",
@@ -87,14 +88,6 @@ def as_dask(data: Any, *, rows_per_chunk: int | None = None):
     return da.from_array(data, chunks=(int(rows_per_chunk), -1, -1, -1))
 
 
-def _scan_weights(values: np.ndarray, x) -> Any:
-    """A numpy ``(..., scan_y, scan_x)`` array as dask, chunked like the scan axes of ``x``."""
-    import dask.array as da
-
-    lead = tuple((s,) for s in values.shape[:-2])
-    return da.from_array(values, chunks=lead + x.chunks[:2])
-
-
 def _first_position(region: np.ndarray | None, scan_x: int) -> tuple[int, int]:
     j = 0 if region is None else int(np.flatnonzero(region)[0])
     return divmod(j, scan_x)
@@ -119,41 +112,86 @@ def _stats_from_sums(s1: np.ndarray, s2: np.ndarray, shift: np.ndarray,
     return ColumnStats(mean=shift + d1, std=np.sqrt(var), count=int(count))
 
 
-def _shifted_sums(y, region: np.ndarray | None):
-    """Lazy ``Σ y`` and ``Σ y²`` over the (region's) positions; ``y = float64(D) - shift``."""
-    if region is None:
-        return y.sum(axis=(0, 1)), (y * y).sum(axis=(0, 1))
-    w = _scan_weights(region.reshape(y.shape[:2]).astype(np.float64), y)[:, :, None, None]
-    yw = y * w
-    return yw.sum(axis=(0, 1)), (yw * y).sum(axis=(0, 1))
+def _blocks(x):
+    """``(delayed block, (y0, y1), (x0, x1))`` for every block of a 4D dask array whose
+    detector axes are whole (rechunked if needed)."""
+    if len(x.chunks[2]) > 1 or len(x.chunks[3]) > 1:
+        x = x.rechunk({2: -1, 3: -1})
+    ys = np.concatenate([[0], np.cumsum(x.chunks[0])])
+    xs = np.concatenate([[0], np.cumsum(x.chunks[1])])
+    dl = x.to_delayed()
+    for i in range(len(x.chunks[0])):
+        for j in range(len(x.chunks[1])):
+            yield dl[i, j, 0, 0], (int(ys[i]), int(ys[i + 1])), (int(xs[j]), int(xs[j + 1]))
+
+
+def _block_sums(blk, t_blk, reg_blk, shift, fast, want_all):
+    """Pass-1 partial sums of one block with the core kernels, stacked ``(2 + k [+ 2], n)``.
+
+    Rows ``2 + i`` hold ``t̂_i ᵀ (D - shift)``; rows 0/1 the (region's) shifted sums and sums
+    of squares; with ``want_all`` the last two rows those of all positions.
+    """
+    xb = np.asarray(blk)
+    x = kernel_dtype_chunk(xb.reshape(xb.shape[0] * xb.shape[1], -1))
+    n = x.shape[1]
+    k = t_blk.shape[0]
+    shift = np.asarray(shift, dtype=np.float64).reshape(-1)
+    out = np.zeros((2 + k + (2 if want_all else 0), n))
+    rows = (np.arange(x.shape[0], dtype=np.int64) if reg_blk is None
+            else np.flatnonzero(reg_blk).astype(np.int64))
+    acc = np.zeros((k, n))
+    stats_tprod(x, rows, np.ascontiguousarray(t_blk[:, rows]), shift, out[0], out[1], acc,
+                fast=fast)
+    out[2:2 + k] = acc
+    if want_all:
+        stats_tprod(x, np.arange(x.shape[0], dtype=np.int64), np.zeros((0, x.shape[0])), shift,
+                    out[2 + k], out[3 + k], np.zeros((0, n)), fast=fast)
+    return out
+
+
+def _pass1(x, info, that, reg, want_all, compute_kwargs):
+    """One dask pass of core-kernel partial sums over all blocks; returns (shift, sums)."""
+    import dask
+
+    iy, ix = _first_position(reg, info.scan_shape[1])
+    shift = x[iy, ix].astype(np.float64)
+    fast = fast_for(info.m * info.n)
+    k = 0 if that is None else that.shape[0]
+    t3 = (np.zeros((0, *info.scan_shape)) if that is None
+          else that.reshape((k, *info.scan_shape)))
+    reg2 = None if reg is None else reg.reshape(info.scan_shape)
+    parts = []
+    for blk, (y0, y1), (x0, x1) in _blocks(x):
+        t_blk = np.ascontiguousarray(t3[:, y0:y1, x0:x1].reshape(k, (y1 - y0) * (x1 - x0)))
+        r_blk = None if reg2 is None else reg2[y0:y1, x0:x1].reshape(-1)
+        parts.append(dask.delayed(_block_sums)(blk, t_blk, r_blk, shift, fast, want_all))
+    while len(parts) > 1:  # tree reduction: only (2 + k, n) sums travel
+        parts = [dask.delayed(np.add)(parts[i], parts[i + 1]) if i + 1 < len(parts)
+                 else parts[i] for i in range(0, len(parts), 2)]
+    c, sums = _compute(shift, parts[0], **compute_kwargs)
+    return c, sums.reshape(sums.shape[0], *info.det_shape)
 
 
 def _stats_and_products(data, template, normalisation, region, all_stats, compute_kwargs,
                         valid=None):
-    """Pass 1 as one dask computation: region stats, ``t̂ᵀ(D - c)``, optional all-position stats."""
-    import dask.array as da
+    """Pass 1 as one dask computation: region stats, ``t̂ᵀ(D - c)``, optional all-position stats.
 
+    Every block is reduced by the core's compiled kernels where it lives; only ``(2 + k, n)``
+    float64 partial sums travel.  t̂ is zero outside the region and zero-mean inside, so
+    ``t̂ᵀ(D - c) = t̂ᵀD = t̂ᵀ(D - mean)`` for any shift ``c``.
+    """
     info, single, reg, val, that = _prepare_templates(data, template, normalisation, region,
                                                       valid)
-    that = that.reshape((-1, *info.scan_shape))
     x = as_dask(data)
-    iy, ix = _first_position(reg, info.scan_shape[1])
-    shift = x[iy, ix].astype(np.float64)
-    y = x.astype(np.float64) - shift
-    s1, s2 = _shifted_sums(y, reg)
-    # t̂ is zero outside the region and zero-mean inside, so t̂ᵀ(D - c) = t̂ᵀD = t̂ᵀ(D - mean)
-    prod = da.tensordot(_scan_weights(that, x), y, axes=([1, 2], [0, 1]))
-    lazy = [shift, s1, s2, prod]
     want_all = all_stats and reg is not None
-    if want_all:
-        lazy.extend(_shifted_sums(y, None))
-    res = _compute(*lazy, **compute_kwargs)
-    c = res[0]
+    c, sums = _pass1(x, info, that, reg, want_all, compute_kwargs)
+    k = that.shape[0]
     count = info.m if reg is None else int(reg.sum())
-    stats = _restrict_stats(_stats_from_sums(res[1], res[2], c, count), val)
+    stats = _restrict_stats(_stats_from_sums(sums[0], sums[1], c, count), val)
     all_st = stats if reg is None else (
-        _restrict_stats(_stats_from_sums(res[4], res[5], c, info.m), val) if want_all else None)
-    products = SimpleNamespace(acc=res[3].reshape(that.shape[0], info.n), count=count)
+        _restrict_stats(_stats_from_sums(sums[2 + k], sums[3 + k], c, info.m), val)
+        if want_all else None)
+    products = SimpleNamespace(acc=sums[2:2 + k].reshape(k, info.n), count=count)
     r = _pcc_from(products, stats, normalisation).reshape((-1, *info.det_shape))
     return (r[0] if single else r), stats, all_st
 
@@ -182,13 +220,9 @@ def column_stats(data: Any, *, region: Any = None, valid: Any = None,
     info = check_data(data)
     reg = _check_region(region, info)
     val = _check_valid(valid, info)
-    x = as_dask(data)
-    iy, ix = _first_position(reg, info.scan_shape[1])
-    shift = x[iy, ix].astype(np.float64)
-    y = x.astype(np.float64) - shift
-    c, s1, s2 = _compute(shift, *_shifted_sums(y, reg), **compute_kwargs)
+    c, sums = _pass1(as_dask(data), info, None, reg, False, compute_kwargs)
     count = info.m if reg is None else int(reg.sum())
-    return _restrict_stats(_stats_from_sums(s1, s2, c, count), val)
+    return _restrict_stats(_stats_from_sums(sums[0], sums[1], c, count), val)
 
 
 def pcc_mask(data: Any, template: Any, *, normalisation: str = "pcc", region: Any = None,
@@ -211,15 +245,37 @@ def pcc_mask(data: Any, template: Any, *, normalisation: str = "pcc", region: An
     return r
 
 
+def _block_apply(blk, mu, w, plan):
+    """Pass-2 image rows ``(by, bx, k)`` of one block with the core kernel."""
+    xb = np.asarray(blk)
+    x = kernel_dtype_chunk(xb.reshape(xb.shape[0] * xb.shape[1], -1))
+    out = np.empty((x.shape[0], w.shape[0]))
+    if plan is not None and plan.dtype != x.dtype:
+        plan = ApplyPlan(mu, w, x.dtype)
+    apply_weights(x, mu, w, out, plan=plan)
+    return out.reshape(xb.shape[0], xb.shape[1], w.shape[0])
+
+
 def _apply(data, w: np.ndarray, mu: np.ndarray, info, compute_kwargs) -> np.ndarray:
-    """``(D - mu) @ wᵀ`` as one dask computation; returns ``(k, scan_y, scan_x)``."""
+    """``(D - mu) @ wᵀ`` as one dask pass of core-kernel blocks; returns ``(k, scan_y, scan_x)``."""
+    import dask
     import dask.array as da
 
     x = as_dask(data)
-    y = x.astype(np.float64) - mu.reshape(info.det_shape)
-    wk = w.reshape((-1, *info.det_shape))
-    wd = da.from_array(wk, chunks=((wk.shape[0],), *x.chunks[2:]))
-    img = da.tensordot(y, wd, axes=([2, 3], [1, 2]))  # (scan_y, scan_x, k)
+    w = np.ascontiguousarray(w, dtype=np.float64)
+    mu = np.ascontiguousarray(mu, dtype=np.float64)
+    k = w.shape[0]
+    plan = ApplyPlan(mu, w, np.dtype(info.dtype).newbyteorder("=")) if fast_for(
+        info.m * info.n) else None
+    rows: list[list] = []
+    last_y0 = None
+    for blk, (y0, y1), (x0, x1) in _blocks(x):
+        if y0 != last_y0:
+            rows.append([])
+            last_y0 = y0
+        part = dask.delayed(_block_apply)(blk, mu, w, plan)
+        rows[-1].append(da.from_delayed(part, shape=(y1 - y0, x1 - x0, k), dtype=np.float64))
+    img = da.concatenate([da.concatenate(r, axis=1) for r in rows], axis=0)
     (out,) = _compute(img, **compute_kwargs)
     return np.ascontiguousarray(np.moveaxis(out, -1, 0))
 

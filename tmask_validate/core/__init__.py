@@ -17,8 +17,11 @@ center_of_mass, integrated_center_of_mass, estimate_center_px
     CoM (points towards atoms) and iCoM (atoms bright).
 sorted_d_matrix, angular_profiles, binned_profile, sites_near_line
     Arrays behind Fig. 1c, Fig. 2c (azimuthal mean) and Fig. 5d (sites on a line, periodic).
-use_numba, DEFAULT_CHUNK_BYTES
-    Backend switch (compiled kernels vs plain numpy) and the default chunk byte budget.
+use_numba, use_float32, DEFAULT_CHUNK_BYTES
+    Backend switches (compiled kernels vs plain numpy; float32 tiles vs float64 throughout
+    for large data) and the default chunk byte budget.
+PCCMask
+    The mask :func:`pcc_mask` returns: an ndarray carrying the data's column statistics.
 """
 
 from ._crossfit import crossfit_apply_masks, crossfit_template_image
@@ -32,10 +35,11 @@ from ._detectors import (
     virtual_images,
 )
 from ._figures import angular_profiles, binned_profile, sites_near_line, sorted_d_matrix
-from ._kernels import use_numba
+from ._kernels import use_float32, use_numba
 from ._pcc import (
     NORMALISATIONS,
     ColumnStats,
+    PCCMask,
     apply_mask,
     column_stats,
     eigen_image,
@@ -48,6 +52,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "NORMALISATIONS",
     "ColumnStats",
+    "PCCMask",
     "angular_profiles",
     "binned_profile",
     "annular_mask",
@@ -64,6 +69,7 @@ __all__ = [
     "sites_near_line",
     "sorted_d_matrix",
     "template_mask_image",
+    "use_float32",
     "use_numba",
     "virtual_detector_masks",
     "virtual_images",

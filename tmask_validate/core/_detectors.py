@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._kernels import moments
+from ._kernels import fast_for, moments
 from ._pcc import _check_masks, _pass_apply
 from ._stream import check_data, check_finite_result, iter_row_chunks
 
@@ -159,8 +159,9 @@ def _com_moments(data: Any, chunk_bytes: int | None):
     """One pass: per-pattern total, Σ ky·x and Σ kx·x (detector index units), (3, m)."""
     info = check_data(data)
     mom = np.empty((info.m, 3))
+    fast = fast_for(info.m * info.n)
     for r0, x in iter_row_chunks(data, info, chunk_bytes):
-        moments(x, info.det_shape, mom[r0 : r0 + x.shape[0]])
+        moments(x, info.det_shape, mom[r0 : r0 + x.shape[0]], fast=fast)
     check_finite_result(mom)
     return info, np.ascontiguousarray(mom.T)
 

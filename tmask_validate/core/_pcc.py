@@ -9,12 +9,13 @@ float64 while streaming row chunks of ``D`` (see :mod:`._stream`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._kernels import apply_weights, run_sums, stats_tprod
+from ._kernels import ApplyPlan, apply_weights, fast_for, run_sums, stats_tprod
 from ._stream import DataInfo, check_data, check_finite_result, iter_row_chunks
 
 NORMALISATIONS = ("pcc", "mean")
@@ -42,6 +43,65 @@ class ColumnStats:
     def valid(self) -> np.ndarray:
         """Columns with non-zero variance (bool ``(ky, kx)``)."""
         return self.std > 0
+
+
+#: patterns (evenly spaced, first and last included) whose digests identify a dataset
+DIGEST_ROWS = 17
+
+
+def _row_digest(row: np.ndarray) -> bytes:
+    """Digest of one pattern as the kernels read it (identifies the dataset a mask came from)."""
+    return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest()
+
+
+def _digest_rows(m: int) -> np.ndarray:
+    return np.unique(np.round(np.linspace(0, m - 1, DIGEST_ROWS)).astype(np.int64))
+
+
+def _chunk_digests(x: np.ndarray, r0: int, rows: np.ndarray) -> dict[int, bytes]:
+    """Digests of the sampled patterns that lie in the chunk starting at row ``r0``."""
+    sel = rows[(rows >= r0) & (rows < r0 + x.shape[0])]
+    return {int(j): _row_digest(x[j - r0]) for j in sel}
+
+
+class PCCMask(np.ndarray):
+    """A PCC mask (plain float64 ndarray) that also carries the data's column statistics.
+
+    :func:`pcc_mask` returns one.  ``column_stats`` are the all-position statistics of the
+    dataset the mask was computed from (without ``valid`` restriction), gathered in the
+    mask's own pass, so ``apply_mask(data, pcc_mask(data, t))`` reads the data twice, not
+    three times.  :func:`apply_mask` uses them only after checking, while it streams, that
+    :data:`DIGEST_ROWS` evenly spaced patterns (first and last included) of the data it is
+    given are those the statistics came from (digests); at the first mismatch it computes
+    fresh statistics (one more pass) -- same result either way.  Data that differ from the
+    mask's only in other patterns (e.g. edited in place between the two calls) would go
+    unnoticed: pass ``stats=`` or ``np.asarray(mask)`` then.  Slices, copies and arithmetic
+    keep the statistics (they describe the data, not the mask values); ``np.asarray(mask)``
+    drops them.
+    """
+
+    column_stats: ColumnStats | None
+    source_digest: dict[int, bytes] | None
+
+    def __new__(cls, values: np.ndarray, column_stats: ColumnStats | None,
+                source_digest: dict[int, bytes] | None) -> PCCMask:
+        obj = np.asarray(values, dtype=np.float64).view(cls)
+        obj.column_stats = column_stats
+        obj.source_digest = source_digest
+        return obj
+
+    def __array_finalize__(self, obj) -> None:
+        self.column_stats = getattr(obj, "column_stats", None)
+        self.source_digest = getattr(obj, "source_digest", None)
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        out = super().__array_wrap__(arr, context, return_scalar)
+        if isinstance(out, np.ndarray) and out.ndim == 0:
+            return out.view(np.ndarray)[()]
+        return out
+
+    def __reduce__(self):  # pickles (and multiprocessing) as a plain ndarray
+        return np.asarray(self).__reduce__()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -153,22 +213,45 @@ def _standardise_templates(t: np.ndarray, region: np.ndarray | None) -> np.ndarr
 
 
 # ----------------------------------------------------------------------------- passes
+def _first_shift(x: np.ndarray, rows: np.ndarray, fast: bool) -> np.ndarray:
+    """Per-column shift subtracted before the sums (tames cancellation in the variance).
+
+    float64 kernels (and float64 data): the first pattern, which keeps constant columns at
+    exactly zero variance.  float32 tiles: the mean of the first (up to 32) patterns,
+    rounded to an integer for integer data and to float32 for float32 data -- exact on
+    constant columns as well, and within ~σ/6 of the column mean, so that the float32
+    sums of squares lose no digits to the subtraction ``s2/c - (s1/c)²``.
+    """
+    if not fast or x.dtype == np.float64:
+        return x[rows[0]].astype(np.float64)
+    use = rows[:32]
+    head = np.zeros(x.shape[1])
+    for r in use:  # row by row: no (rows, n) temporary
+        head += x[r]
+    head /= use.size
+    if x.dtype.kind in "ui":
+        return np.round(head)
+    return head.astype(np.float32).astype(np.float64)
+
+
 class _Acc:
     """Float64 accumulators of one stats(+template products) pass over a row subset."""
 
-    def __init__(self, n: int, k: int) -> None:
+    def __init__(self, n: int, k: int, fast: bool = False) -> None:
+        self.fast = fast
         self.s1 = np.zeros(n)
         self.s2 = np.zeros(n)
         self.acc = np.zeros((k, n))
         self.shift: np.ndarray | None = None
         self.count = 0
+        self.digest: dict[int, bytes] | None = None
 
     def add(self, x: np.ndarray, rows: np.ndarray, t: np.ndarray) -> None:
         if rows.size == 0:
             return
         if self.shift is None:
-            self.shift = x[rows[0]].astype(np.float64)
-        stats_tprod(x, rows, t, self.shift, self.s1, self.s2, self.acc)
+            self.shift = _first_shift(x, rows, self.fast)
+        stats_tprod(x, rows, t, self.shift, self.s1, self.s2, self.acc, fast=self.fast)
         self.count += rows.size
 
     def stats(self, det_shape: tuple[int, int]) -> ColumnStats:
@@ -193,11 +276,15 @@ def _pass_stats_products(
 ) -> tuple[_Acc, _Acc | None]:
     """One pass: region stats + template products, and optionally all-position stats."""
     k = 0 if that is None else that.shape[0]
-    main = _Acc(info.n, k)
-    extra = _Acc(info.n, 0) if (all_stats and region is not None) else None
+    fast = fast_for(info.m * info.n)
+    main = _Acc(info.n, k, fast)
+    extra = _Acc(info.n, 0, fast) if (all_stats and region is not None) else None
     empty_t = np.zeros((0, 0))
+    sample = _digest_rows(info.m)
+    digest: dict[int, bytes] = {}
     for r0, x in iter_row_chunks(data, info, chunk_bytes):
         r1 = r0 + x.shape[0]
+        digest.update(_chunk_digests(x, r0, sample))
         if region is None:
             rows = np.arange(x.shape[0], dtype=np.int64)
         else:
@@ -207,6 +294,7 @@ def _pass_stats_products(
         main.add(x, rows, t)
         if extra is not None:
             extra.add(x, np.arange(x.shape[0], dtype=np.int64), empty_t.reshape(0, x.shape[0]))
+    main.digest = digest
     return main, extra
 
 
@@ -244,6 +332,9 @@ def _weights_for(w: np.ndarray, stats: ColumnStats, normalisation: str) -> np.nd
 #: RUN_MAX_LABELS distinct per-pixel weight vectors and runs this long on average
 RUN_MIN_MASKS = 8
 RUN_MAX_LABELS = 256
+#: with the float32 tiles the dense kernel beats the run sums up to this many masks (measured:
+#: 16 binary segments 1.6x faster dense)
+RUN_MIN_MASKS_TILES = 32
 RUN_MIN_MEAN_LENGTH = 8
 
 
@@ -257,6 +348,8 @@ def _run_plan(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None
     k, n = w.shape
     if n < 2 * RUN_MIN_MEAN_LENGTH or k < RUN_MIN_MASKS:
         return None
+    if np.unique(w[0]).size > RUN_MAX_LABELS:  # cheap rejection of weighted masks
+        return None
     uniq, inverse = np.unique(w.T, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     if uniq.shape[0] > RUN_MAX_LABELS:
@@ -269,27 +362,50 @@ def _run_plan(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None
     return starts, labels, np.ascontiguousarray(uniq)
 
 
+class _StaleStats(Exception):
+    """The data streamed are not those a mask's carried statistics came from."""
+
+
+def _check_digest(x: np.ndarray, r0: int, m: int, expect: dict[int, bytes] | None) -> None:
+    if expect is None:
+        return
+    for j, dig in _chunk_digests(x, r0, _digest_rows(m)).items():
+        if expect.get(j) != dig:
+            raise _StaleStats
+
+
 def _pass_apply(
-    data: Any, info: DataInfo, w: np.ndarray, mu: np.ndarray, chunk_bytes: int | None
+    data: Any, info: DataInfo, w: np.ndarray, mu: np.ndarray, chunk_bytes: int | None,
+    expect: dict[int, bytes] | None = None,
 ) -> np.ndarray:
     """One pass: ``(D - mu) @ w.T`` as (k, m) float64.
 
     Raw data (``mu == 0``) with few-valued masks (binary virtual detectors) go through the
-    column-run kernel; everything else through the dense multiply-add kernel.
+    column-run kernel; everything else through the dense multiply-add kernel.  ``expect``:
+    digests of the sampled patterns the statistics behind ``mu``/``w`` came from
+    (:class:`_StaleStats` is raised as soon as the data streamed differ).
     """
     out = np.empty((info.m, w.shape[0]))
     w = np.ascontiguousarray(w, dtype=np.float64)
     mu = np.ascontiguousarray(mu, dtype=np.float64).reshape(-1)
-    plan = _run_plan(w) if not np.any(mu) else None
+    fast = fast_for(info.m * info.n)
+    plan = None
+    if not np.any(mu) and (not fast or w.shape[0] >= RUN_MIN_MASKS_TILES):
+        plan = _run_plan(w)
     if plan is not None:
         starts, labels, uniq = plan
         for r0, x in iter_row_chunks(data, info, chunk_bytes):
+            _check_digest(x, r0, info.m, expect)
             lab = np.empty((x.shape[0], uniq.shape[0]))
             run_sums(x, starts, labels, uniq.shape[0], lab)
             np.matmul(lab, uniq, out=out[r0 : r0 + x.shape[0]])
     else:
+        tiles = None
         for r0, x in iter_row_chunks(data, info, chunk_bytes):
-            apply_weights(x, mu, w, out[r0 : r0 + x.shape[0]])
+            _check_digest(x, r0, info.m, expect)
+            if fast and (tiles is None or x.dtype != tiles.dtype):
+                tiles = ApplyPlan(mu, w, x.dtype)  # once (per chunk dtype)
+            apply_weights(x, mu, w, out[r0 : r0 + x.shape[0]], plan=tiles)
     check_finite_result(out)
     return np.ascontiguousarray(out.T)
 
@@ -356,11 +472,13 @@ def _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes, all_
                                                       valid)
     main, extra = _pass_stats_products(data, info, that, reg, all_stats=all_stats,
                                        chunk_bytes=chunk_bytes)
-    stats = _restrict_stats(main.stats(info.det_shape), val)
+    raw = main.stats(info.det_shape)
+    stats = _restrict_stats(raw, val)
     r = _pcc_from(main, stats, normalisation).reshape((-1, *info.det_shape))
-    all_st = stats if reg is None else (
-        _restrict_stats(extra.stats(info.det_shape), val) if extra else None)
-    return (r[0] if single else r), stats, all_st, info
+    raw_all = raw if reg is None else (extra.stats(info.det_shape) if extra else None)
+    r = PCCMask(r[0] if single else r, raw_all, main.digest if raw_all is not None else None)
+    all_st = None if raw_all is None else _restrict_stats(raw_all, val)
+    return r, stats, all_st, info
 
 
 def pcc_mask(
@@ -400,9 +518,13 @@ def pcc_mask(
 
     Returns
     -------
-    ndarray
-        ``(ky, kx)`` or ``(k, ky, kx)`` float64.  Columns with zero variance (or zero mean
-        for ``"mean"``), and pixels outside ``valid``, give 0.
+    PCCMask
+        ``(ky, kx)`` or ``(k, ky, kx)`` float64 ndarray.  Columns with zero variance (or zero
+        mean for ``"mean"``), and pixels outside ``valid``, give 0.  It also carries the
+        data's all-position column statistics (``.column_stats``; with a ``region`` they are
+        gathered in the same pass), which :func:`apply_mask` uses, after checking they belong
+        to the data it is given, so that ``apply_mask(data, pcc_mask(data, t))`` makes two
+        passes over the data.
 
     Raises
     ------
@@ -410,7 +532,7 @@ def pcc_mask(
         Bad shapes, zero-variance or non-finite template, empty region, unknown
         normalisation, or NaN/Inf found in the data during the pass.
     """
-    r, _, _, _ = _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes, False,
+    r, _, _, _ = _pcc_mask_and_stats(data, template, normalisation, region, chunk_bytes, True,
                                      valid)
     return r
 
@@ -459,7 +581,8 @@ def apply_mask(
     threshold : float, optional
         Mask values ``<= threshold`` are set to 0 first (Fig. 2d uses ``threshold=0``).
     stats : ColumnStats, optional
-        Precomputed all-position :func:`column_stats` (skips that pass).
+        Precomputed all-position :func:`column_stats` (skips that pass).  Not needed for a
+        mask from :func:`pcc_mask` of the same data: it carries them (see :class:`PCCMask`).
     valid : bool array (ky, kx), optional
         Detector pixels to use: the mask is set to 0 outside them (raw and normalised), so
         they contribute nothing.  See :func:`column_stats`.
@@ -477,17 +600,40 @@ def apply_mask(
     info = check_data(data)
     _check_normalisation(normalisation)
     w, single, val = _apply_weights(mask, info, threshold, valid)
+    expect = None
     if normalised:
-        st = column_stats(data, chunk_bytes=chunk_bytes) if stats is None else _check_stats(
-            stats, info)
-        st = _restrict_stats(st, val)
-        wn = _weights_for(w, st, normalisation)
-        mu = st.mean.reshape(-1)
+        if stats is not None:
+            st = _check_stats(stats, info)
+        else:
+            st = _carried_stats(mask, info)
+            if st is None:
+                st = column_stats(data, chunk_bytes=chunk_bytes)
+            else:
+                expect = mask.source_digest
+        try:
+            img = _apply_normalised(data, info, w, st, val, normalisation, chunk_bytes, expect)
+        except _StaleStats:  # the mask came from other data: fresh statistics
+            st = column_stats(data, chunk_bytes=chunk_bytes)
+            img = _apply_normalised(data, info, w, st, val, normalisation, chunk_bytes, None)
     else:
-        wn = w
-        mu = np.zeros(info.n)
-    img = _pass_apply(data, info, wn, mu, chunk_bytes).reshape((-1, *info.scan_shape))
+        img = _pass_apply(data, info, w, np.zeros(info.n), chunk_bytes)
+    img = img.reshape((-1, *info.scan_shape))
     return img[0] if single else img
+
+
+def _carried_stats(mask: Any, info: DataInfo) -> ColumnStats | None:
+    """The column statistics a :class:`PCCMask` carries, if they fit these data's shape."""
+    st = getattr(mask, "column_stats", None) if isinstance(mask, PCCMask) else None
+    if (st is None or mask.source_digest is None or st.count != info.m
+            or st.mean.shape != info.det_shape):
+        return None
+    return st
+
+
+def _apply_normalised(data, info, w, st, val, normalisation, chunk_bytes, expect):
+    st = _restrict_stats(st, val)
+    wn = _weights_for(w, st, normalisation)
+    return _pass_apply(data, info, wn, st.mean.reshape(-1), chunk_bytes, expect)
 
 
 def template_mask_image(

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._kernels import use_numba
+from ._kernels import gather_rows, use_numba
 
 #: Default number of bytes of raw data handed to a kernel at once.  Extra memory of a pass is
 #: at most a few such chunks (a copy for non-numpy inputs, a conversion for unusual dtypes)
@@ -28,10 +28,10 @@ DEFAULT_CHUNK_BYTES = 32 * 2**20
 #: call).  Capped so that a memmapped file is still streamed through the page cache once.
 VIEW_CHUNK_BYTES = 512 * 2**20
 
-#: dtypes the compiled kernels read directly (few specialisations = short compile times);
-#: other real dtypes are converted per chunk: uint8 -> uint16 (exact, cheap), anything
-#: else (uint32, int*, float16, bool) -> float64 (exact for 32-bit integers).
-NATIVE_DTYPES = (np.uint16, np.float32, np.float64)
+#: dtypes the compiled kernels read directly (no conversion copy); other real dtypes
+#: (int*, uint64, float16, bool) are converted per chunk to float64 (exact for 32-bit
+#: integers).
+NATIVE_DTYPES = (np.uint8, np.uint16, np.uint32, np.float32, np.float64)
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,68 @@ def check_data(data: Any) -> DataInfo:
 
 def _as_2d_view(data: Any, info: DataInfo) -> np.ndarray | None:
     """The (m, n) view of an in-memory/memmapped C-contiguous numpy array, else None."""
-    if isinstance(data, np.ndarray) and data.flags.c_contiguous:
+    if (isinstance(data, np.ndarray) and data.flags.c_contiguous and data.dtype.isnative):
         return data.reshape(info.m, info.n)
     return None
+
+
+#: bytes of one staging block for strided or byte-swapped numpy views (e.g. the frame
+#: payloads of a memory-mapped MIB file, which sit between frame headers and are stored
+#: big-endian): the block is gathered into a reused native buffer that stays in cache for
+#: the kernel that reads it next
+STAGE_BYTES = 16 * 2**20
+
+
+def _frames_view(data: Any, info: DataInfo) -> np.ndarray | None:
+    """``data`` as an ``(m, ky, kx)`` numpy view (no copy) if it is a strided ndarray."""
+    if not isinstance(data, np.ndarray) or data.dtype.type not in NATIVE_DTYPES:
+        return None
+    if data.strides[2] != data.shape[3] * data.itemsize or data.strides[3] != data.itemsize:
+        return None  # frames themselves not contiguous: generic path
+    sy, sx = info.scan_shape
+    if sy > 1 and data.strides[0] != sx * data.strides[1]:
+        return None  # scan rows not evenly spaced
+    return np.lib.stride_tricks.as_strided(
+        data, shape=(info.m, *info.det_shape),
+        strides=(data.strides[1], data.strides[2], data.strides[3]), writeable=False)
+
+
+def _iter_staged(frames: np.ndarray, info: DataInfo, chunk_bytes: int | None
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """Blocks of a strided/byte-swapped frame view, gathered into one reused native buffer.
+
+    Each yielded block is valid until the next one is requested (every pass in this package
+    consumes a block before asking for the next).
+    """
+    native = frames.dtype.newbyteorder("=")
+    per = rows_per_chunk(info, STAGE_BYTES if chunk_bytes is None else chunk_bytes)
+    buf = np.empty((min(per, info.m), info.n), dtype=native)
+    src = _byte_source(frames)
+    for r0 in range(0, info.m, per):
+        r1 = min(info.m, r0 + per)
+        out = buf[: r1 - r0]
+        if src is not None and (frames.dtype.isnative or frames.dtype.kind == "u"):
+            flat, off, stride = src
+            gather_rows(flat, off + r0 * stride, stride, frames.dtype, out)
+        else:
+            np.copyto(out.reshape(r1 - r0, *info.det_shape), frames[r0:r1], casting="equiv")
+        yield r0, out
+
+
+def _byte_source(frames: np.ndarray) -> tuple[np.ndarray, int, int] | None:
+    """``(flat uint8 buffer, byte offset of frame 0, frame stride)`` behind a frame view."""
+    root = frames
+    while getattr(root, "base", None) is not None and not (
+            isinstance(root, np.ndarray) and root.flags.c_contiguous):
+        root = root.base  # (as_strided puts a plain holder object in the chain)
+    if not isinstance(root, np.ndarray) or frames.strides[0] <= 0:
+        return None
+    flat = root.reshape(-1).view(np.uint8)
+    off = frames.ctypes.data - flat.ctypes.data
+    end = off + (frames.shape[0] - 1) * frames.strides[0] + frames[0].nbytes
+    if off < 0 or end > flat.size:
+        return None
+    return flat, off, frames.strides[0]
 
 
 def rows_per_chunk(info: DataInfo, chunk_bytes: int | None, itemsize: int | None = None) -> int:
@@ -99,8 +158,10 @@ def rows_per_chunk(info: DataInfo, chunk_bytes: int | None, itemsize: int | None
 
 def kernel_dtype_chunk(chunk: np.ndarray) -> np.ndarray:
     """Return ``chunk`` as a C-contiguous 2D array of a dtype the kernels read natively."""
-    if chunk.dtype.type not in NATIVE_DTYPES:
-        chunk = chunk.astype(np.uint16 if chunk.dtype == np.uint8 else np.float64)
+    if chunk.dtype.type not in NATIVE_DTYPES or not chunk.dtype.isnative:
+        if chunk.dtype.type in NATIVE_DTYPES:  # e.g. big-endian '>u2' (MIB): same values
+            return np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("="))
+        chunk = chunk.astype(np.float64)
     return np.ascontiguousarray(chunk)
 
 
@@ -127,6 +188,10 @@ def iter_row_chunks(
             per = rows_per_chunk(info, VIEW_CHUNK_BYTES)
         for r0 in range(0, m, per):
             yield r0, kernel_dtype_chunk(view[r0 : min(m, r0 + per)])
+        return
+    frames = _frames_view(data, info)
+    if frames is not None and use_numba():
+        yield from _iter_staged(frames, info, chunk_bytes)
         return
     sy, sx = info.scan_shape
     if per >= sx:
