@@ -625,7 +625,7 @@ def sweep_thickness(metrics: pd.DataFrame, structure: str, *, dose_key: str = "n
         axs[0].plot(g["t"], g["value"], "o-", label=f"tm {L}")
     axs[0].axhline(0.8, color="0.6", ls="--", lw=0.8)
     axs[0].set_xlabel("thickness (nm)")
-    axs[0].set_ylabel("specificity (bright)")
+    axs[0].set_ylabel("specificity (1 − max signed crosstalk)")
     axs[0].legend(fontsize=7)
     axs[0].set_title(f"{structure}: specificity of binary PCC templates", fontsize=9)
     labels = [x for x in d.loc[d["metric"] == "cnr", "species"].unique() if x != "fake"]
@@ -684,7 +684,7 @@ def sweep_dose(metrics: pd.DataFrame, structure: str, *, thickness_nm: float | N
     axs[1].set_xscale("log")
     axs[1].axhline(0.8, color="0.6", ls="--", lw=0.8)
     axs[1].set_xlabel("dose (e-/Å²)")
-    axs[1].set_ylabel("specificity (bright)")
+    axs[1].set_ylabel("specificity (1 − max signed crosstalk)")
     axs[1].legend(fontsize=7)
     fig.suptitle(f"{structure} at {thickness_nm:.1f} nm vs dose", fontsize=9)
     cap = (f"{structure} at {thickness_nm:.1f} nm: left, CNR of the {light} columns vs dose "
