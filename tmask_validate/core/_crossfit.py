@@ -37,7 +37,7 @@ import numpy as np
 
 from . import _kernels
 from ._kernels import use_numba
-from ._pcc import _check_normalisation, _check_templates, _check_valid
+from ._pcc import _check_normalisation, _check_templates, _check_valid, _column_scale
 from ._stream import DataInfo, check_data, check_finite_result, iter_row_chunks
 
 try:  # pragma: no cover - exercised implicitly
@@ -403,14 +403,7 @@ def _set_stats(count, s1, s2, shift, valid, normalisation):
     if valid is not None:
         std = np.where(valid, std, 0.0)
     mean = shift + d1
-    scale = np.zeros_like(std)
-    good = std > 0
-    if normalisation == "mean":
-        good &= mean != 0
-        scale[good] = 1.0 / (std[good] * mean[good])
-    else:
-        scale[good] = 1.0 / std[good]
-    return mean, std, scale
+    return mean, std, _column_scale(mean, std, normalisation)
 
 
 def _set_mask(count, s1, s2, tp, shift, t_mean, t_std, valid, normalisation):

@@ -313,10 +313,8 @@ def _pcc_from(acc: _Acc, stats: ColumnStats, normalisation: str) -> np.ndarray:
     return r
 
 
-def _weights_for(w: np.ndarray, stats: ColumnStats, normalisation: str) -> np.ndarray:
-    """Per-column weights that turn ``(x - mean) @ w`` into ``D̂ @ mask``."""
-    std = stats.std.reshape(-1)
-    mean = stats.mean.reshape(-1)
+def _column_scale(mean: np.ndarray, std: np.ndarray, normalisation: str) -> np.ndarray:
+    """1/σ (Eq. 4) or 1/(σ·mean) (Eq. 8) per column; 0 where σ (or the mean) is 0."""
     scale = np.zeros_like(std)
     good = std > 0
     if normalisation == "mean":
@@ -324,6 +322,12 @@ def _weights_for(w: np.ndarray, stats: ColumnStats, normalisation: str) -> np.nd
         scale[good] = 1.0 / (std[good] * mean[good])
     else:
         scale[good] = 1.0 / std[good]
+    return scale
+
+
+def _weights_for(w: np.ndarray, stats: ColumnStats, normalisation: str) -> np.ndarray:
+    """Per-column weights that turn ``(x - mean) @ w`` into ``D̂ @ mask``."""
+    scale = _column_scale(stats.mean.reshape(-1), stats.std.reshape(-1), normalisation)
     return np.ascontiguousarray(w * scale)
 
 
