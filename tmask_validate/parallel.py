@@ -27,6 +27,8 @@ large offsets); everything is accumulated in float64.
 
 from __future__ import annotations
 
+import functools
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -88,6 +90,50 @@ def as_dask(data: Any, *, rows_per_chunk: int | None = None):
     return da.from_array(data, chunks=(int(rows_per_chunk), -1, -1, -1))
 
 
+def _worker_kernel_threads() -> int | None:
+    """Threads a compiled kernel may use inside a task on a ``distributed`` worker, else None.
+
+    A worker runs ``nthreads`` tasks at once and several workers may share a machine;
+    ``distributed`` therefore starts its worker processes with ``OMP_NUM_THREADS`` (and the
+    BLAS equivalents) set to the threads each task may use -- 1 by default.  numba does not
+    read that variable, so every task would start one numba thread per core: 2 workers on 2
+    cores then run 4 threads whose barrier waits ruin every kernel launch.  Here the kernels
+    follow the same setting (else ``cores // nthreads`` of the worker).
+    """
+    try:
+        from distributed import get_worker
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    nthreads = int(getattr(getattr(worker, "state", worker), "nthreads", 1) or 1)
+    return max(1, (os.cpu_count() or 1) // nthreads)
+
+
+def _on_worker_threads(fn):
+    """Run a block task with numba limited to :func:`_worker_kernel_threads` (thread-local)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        want = _worker_kernel_threads()
+        if want is None:
+            return fn(*args, **kwargs)
+        try:
+            import numba
+        except ImportError:  # pragma: no cover - numpy fallback kernels: nothing to limit
+            return fn(*args, **kwargs)
+        before = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(want, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            numba.set_num_threads(before)
+
+    return wrapper
+
+
 def _first_position(region: np.ndarray | None, scan_x: int) -> tuple[int, int]:
     j = 0 if region is None else int(np.flatnonzero(region)[0])
     return divmod(j, scan_x)
@@ -125,6 +171,7 @@ def _blocks(x):
             yield dl[i, j, 0, 0], (int(ys[i]), int(ys[i + 1])), (int(xs[j]), int(xs[j + 1]))
 
 
+@_on_worker_threads
 def _block_sums(blk, t_blk, reg_blk, shift, fast, want_all):
     """Pass-1 partial sums of one block with the core kernels, stacked ``(2 + k [+ 2], n)``.
 
@@ -245,6 +292,7 @@ def pcc_mask(data: Any, template: Any, *, normalisation: str = "pcc", region: An
     return r
 
 
+@_on_worker_threads
 def _block_apply(blk, mu, w, plan):
     """Pass-2 image rows ``(by, bx, k)`` of one block with the core kernel."""
     xb = np.asarray(blk)
@@ -338,6 +386,7 @@ def template_mask_image(data: Any, template: Any, *, normalisation: str = "pcc",
 __all__ += ["crossfit_template_image"]
 
 
+@_on_worker_threads
 def _crossfit_block_sums(block, lab, t, shift, k_folds: int) -> dict:
     """Per-fold ``[count, Σy, Σy², Σ t⁰y]`` of one 4D block, for the folds present in it."""
     from .core._crossfit import _fold_sums
@@ -373,6 +422,7 @@ def _merge_fold_sums(*parts: dict) -> dict:
     return out
 
 
+@_on_worker_threads
 def _crossfit_block_apply(block, lab, mean, w) -> np.ndarray:
     """``(x_j - mean_f) @ w_fᵀ`` for the block's used rows; ``(nw, bsy, bsx)``, NaN unused."""
     from .core._crossfit import _fold_apply
