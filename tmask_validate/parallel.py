@@ -197,11 +197,18 @@ def _block_sums(blk, t_blk, reg_blk, shift, fast, want_all):
 
 
 def _pass1(x, info, that, reg, want_all, compute_kwargs):
-    """One dask pass of core-kernel partial sums over all blocks; returns (shift, sums)."""
+    """One dask pass of core-kernel partial sums over all blocks; returns (shift, sums).
+
+    The shift (first pattern used) is computed on its own first: in the same ``compute`` as
+    the block sums, dask's graph optimisation gave its read keys other than those of the
+    blocks (``to_delayed``), so every chunk was read and decoded twice (measured with the
+    task stream: 16 extra chunk reads per pass 1).
+    """
     import dask
 
     iy, ix = _first_position(reg, info.scan_shape[1])
-    shift = x[iy, ix].astype(np.float64)
+    (c,) = _compute(x[iy, ix].astype(np.float64), **compute_kwargs)
+    shift = dask.delayed(c, pure=True)
     fast = fast_for(info.m * info.n)
     k = 0 if that is None else that.shape[0]
     t3 = (np.zeros((0, *info.scan_shape)) if that is None
@@ -215,7 +222,7 @@ def _pass1(x, info, that, reg, want_all, compute_kwargs):
     while len(parts) > 1:  # tree reduction: only (2 + k, n) sums travel
         parts = [dask.delayed(np.add)(parts[i], parts[i + 1]) if i + 1 < len(parts)
                  else parts[i] for i in range(0, len(parts), 2)]
-    c, sums = _compute(shift, parts[0], **compute_kwargs)
+    (sums,) = _compute(parts[0], **compute_kwargs)
     return c, sums.reshape(sums.shape[0], *info.det_shape)
 
 
@@ -466,7 +473,7 @@ def crossfit_template_image(data: Any, template: Any, folds: Any, *,
     lab2 = plan.lab.reshape(sy, sx)
     t3 = plan.t0.reshape(-1, sy, sx)
     j0 = int(np.flatnonzero(plan.lab >= 0)[0])
-    shift = x[j0 // sx, j0 % sx].astype(np.float64)
+    (shift,) = _compute(x[j0 // sx, j0 % sx].astype(np.float64), **compute_kwargs)  # (see _pass1)
     blocks = x.to_delayed()[:, :, 0, 0]
     ys = np.concatenate([[0], np.cumsum(x.chunks[0])])
     xs = np.concatenate([[0], np.cumsum(x.chunks[1])])
@@ -474,13 +481,14 @@ def crossfit_template_image(data: Any, template: Any, folds: Any, *,
              for i in range(blocks.shape[0]) for j in range(blocks.shape[1])]
 
     # pass 1: per-fold sums, block by block, merged in a tree
-    shift_d = dask.delayed(shift)
+    shift_d = dask.delayed(shift, pure=True)
     parts = [dask.delayed(_crossfit_block_sums, pure=True)(
         blocks[i, j], lab2[a, b], t3[:, a, b], shift_d, k_folds) for i, j, a, b in spans]
     while len(parts) > 1:
         parts = [dask.delayed(_merge_fold_sums, pure=True)(*parts[q:q + 8])
                  for q in range(0, len(parts), 8)]
-    merged, c = dask.compute(parts[0], shift, **compute_kwargs)
+    (merged,) = dask.compute(parts[0], **compute_kwargs)
+    c = shift
     count = np.array([merged[f][0] for f in range(k_folds)], dtype=np.int64)
     s1 = np.stack([merged[f][1] for f in range(k_folds)])
     s2 = np.stack([merged[f][2] for f in range(k_folds)])
