@@ -171,28 +171,3 @@ def test_dask_input_is_prefetched_and_agrees(tmp_path):
     x = da.from_array(arr, chunks=(2, -1, -1, -1))
     assert _stream._prefetch_ok(x) and not _stream._prefetch_ok(arr)
     _assert_same(_results(x, chunk_bytes=200), _results(arr), "dask")
-
-
-def test_mib_readahead_covers_the_next_block_and_keeps_results(tmp_path):
-    """madvise(WILLNEED) is asked for exactly the next block's frames; results unchanged."""
-    import mmap
-
-    from tmask_validate import io
-
-    arr = _data()
-    mib = io.write_mib(tmp_path / "s.mib", arr, bit_depth=12)
-    mm = io.mib_memmap(mib, scan_shape=SHAPE[:2])
-    frames = _stream._frames_view(mm, _stream.check_data(mm))
-    calls = []
-    ahead = _stream._readahead(frames, lambda *a: calls.append(a))
-    ahead(2, 5)
-    ahead(5, 5)  # empty range: nothing asked
-    (adv, start, length), = calls
-    mp = mm.base._mmap
-    base = np.frombuffer(mp, dtype=np.uint8).ctypes.data
-    f2 = frames.ctypes.data - base + 2 * frames.strides[0]
-    f4_end = frames.ctypes.data - base + 4 * frames.strides[0] + frames[0].nbytes
-    assert adv == mmap.MADV_WILLNEED and start % mmap.PAGESIZE == 0
-    assert start <= f2 < start + mmap.PAGESIZE and start + length == f4_end
-    _stream._readahead(frames)(0, SHAPE[0] * SHAPE[1])  # the real madvise takes the range
-    _assert_same(_results(mm, chunk_bytes=200), _results(arr), "mib")

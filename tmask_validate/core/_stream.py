@@ -126,10 +126,8 @@ def _iter_staged(frames: np.ndarray, info: DataInfo, chunk_bytes: int | None
     per = rows_per_chunk(info, STAGE_BYTES if chunk_bytes is None else chunk_bytes)
     buf = np.empty((min(per, info.m), info.n), dtype=native)
     src = _byte_source(frames)
-    ahead = _readahead(frames)
     for r0 in range(0, info.m, per):
         r1 = min(info.m, r0 + per)
-        ahead(r1, min(info.m, r1 + per))
         out = buf[: r1 - r0]
         if src is not None and (frames.dtype.isnative or frames.dtype.kind == "u"):
             flat, off, stride = src
@@ -137,45 +135,6 @@ def _iter_staged(frames: np.ndarray, info: DataInfo, chunk_bytes: int | None
         else:
             np.copyto(out.reshape(r1 - r0, *info.det_shape), frames[r0:r1], casting="equiv")
         yield r0, out
-
-
-def _readahead(frames: np.ndarray, advise: Callable[[int, int, int], None] | None = None
-               ) -> Callable[[int, int], None]:
-    """``ahead(r0, r1)``: ask the OS to start reading frames ``r0:r1`` of a memory-mapped view.
-
-    ``madvise(MADV_WILLNEED)`` on the file pages of the next block, issued before the current
-    block is gathered: for a cold file the disk reads of block ``i + 1`` then overlap the
-    gather and compute of block ``i`` (pages already in the page cache cost nothing).  A no-op
-    for views that do not map a file.  ``advise(option, start, length)`` defaults to the
-    map's ``madvise``.
-    """
-    import mmap
-
-    root: Any = frames
-    mp = None
-    while root is not None:
-        cand = getattr(root, "_mmap", None)
-        if isinstance(cand, mmap.mmap):
-            mp = cand
-            break
-        root = getattr(root, "base", None)
-    advice = getattr(mmap, "MADV_WILLNEED", None)
-    if mp is None or advice is None or frames.strides[0] <= 0:
-        return lambda r0, r1: None
-    base = np.frombuffer(mp, dtype=np.uint8).ctypes.data
-    first = frames.ctypes.data - base
-    page = mmap.PAGESIZE
-
-    def ahead(r0: int, r1: int) -> None:
-        if r1 <= r0:
-            return
-        start = first + r0 * frames.strides[0]
-        end = min(len(mp), first + (r1 - 1) * frames.strides[0] + frames[0].nbytes)
-        start -= start % page
-        if 0 <= start < end:
-            (mp.madvise if advise is None else advise)(advice, start, end - start)
-
-    return ahead
 
 
 def _byte_source(frames: np.ndarray) -> tuple[np.ndarray, int, int] | None:
