@@ -27,6 +27,8 @@ large offsets); everything is accumulated in float64.
 
 from __future__ import annotations
 
+import functools
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -88,6 +90,50 @@ def as_dask(data: Any, *, rows_per_chunk: int | None = None):
     return da.from_array(data, chunks=(int(rows_per_chunk), -1, -1, -1))
 
 
+def _worker_kernel_threads() -> int | None:
+    """Threads a compiled kernel may use inside a task on a ``distributed`` worker, else None.
+
+    A worker runs ``nthreads`` tasks at once and several workers may share a machine;
+    ``distributed`` therefore starts its worker processes with ``OMP_NUM_THREADS`` (and the
+    BLAS equivalents) set to the threads each task may use -- 1 by default.  numba does not
+    read that variable, so every task would start one numba thread per core: 2 workers on 2
+    cores then run 4 threads whose barrier waits ruin every kernel launch.  Here the kernels
+    follow the same setting (else ``cores // nthreads`` of the worker).
+    """
+    try:
+        from distributed import get_worker
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    nthreads = int(getattr(getattr(worker, "state", worker), "nthreads", 1) or 1)
+    return max(1, (os.cpu_count() or 1) // nthreads)
+
+
+def _on_worker_threads(fn):
+    """Run a block task with numba limited to :func:`_worker_kernel_threads` (thread-local)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        want = _worker_kernel_threads()
+        if want is None:
+            return fn(*args, **kwargs)
+        try:
+            import numba
+        except ImportError:  # pragma: no cover - numpy fallback kernels: nothing to limit
+            return fn(*args, **kwargs)
+        before = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(want, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            numba.set_num_threads(before)
+
+    return wrapper
+
+
 def _first_position(region: np.ndarray | None, scan_x: int) -> tuple[int, int]:
     j = 0 if region is None else int(np.flatnonzero(region)[0])
     return divmod(j, scan_x)
@@ -125,6 +171,7 @@ def _blocks(x):
             yield dl[i, j, 0, 0], (int(ys[i]), int(ys[i + 1])), (int(xs[j]), int(xs[j + 1]))
 
 
+@_on_worker_threads
 def _block_sums(blk, t_blk, reg_blk, shift, fast, want_all):
     """Pass-1 partial sums of one block with the core kernels, stacked ``(2 + k [+ 2], n)``.
 
@@ -150,11 +197,18 @@ def _block_sums(blk, t_blk, reg_blk, shift, fast, want_all):
 
 
 def _pass1(x, info, that, reg, want_all, compute_kwargs):
-    """One dask pass of core-kernel partial sums over all blocks; returns (shift, sums)."""
+    """One dask pass of core-kernel partial sums over all blocks; returns (shift, sums).
+
+    The shift (first pattern used) is computed on its own first: in the same ``compute`` as
+    the block sums, dask's graph optimisation gave its read keys other than those of the
+    blocks (``to_delayed``), so every chunk was read and decoded twice (measured with the
+    task stream: 16 extra chunk reads per pass 1).
+    """
     import dask
 
     iy, ix = _first_position(reg, info.scan_shape[1])
-    shift = x[iy, ix].astype(np.float64)
+    (c,) = _compute(x[iy, ix].astype(np.float64), **compute_kwargs)
+    shift = dask.delayed(c, pure=True)
     fast = fast_for(info.m * info.n)
     k = 0 if that is None else that.shape[0]
     t3 = (np.zeros((0, *info.scan_shape)) if that is None
@@ -168,7 +222,7 @@ def _pass1(x, info, that, reg, want_all, compute_kwargs):
     while len(parts) > 1:  # tree reduction: only (2 + k, n) sums travel
         parts = [dask.delayed(np.add)(parts[i], parts[i + 1]) if i + 1 < len(parts)
                  else parts[i] for i in range(0, len(parts), 2)]
-    c, sums = _compute(shift, parts[0], **compute_kwargs)
+    (sums,) = _compute(parts[0], **compute_kwargs)
     return c, sums.reshape(sums.shape[0], *info.det_shape)
 
 
@@ -245,6 +299,7 @@ def pcc_mask(data: Any, template: Any, *, normalisation: str = "pcc", region: An
     return r
 
 
+@_on_worker_threads
 def _block_apply(blk, mu, w, plan):
     """Pass-2 image rows ``(by, bx, k)`` of one block with the core kernel."""
     xb = np.asarray(blk)
@@ -338,6 +393,7 @@ def template_mask_image(data: Any, template: Any, *, normalisation: str = "pcc",
 __all__ += ["crossfit_template_image"]
 
 
+@_on_worker_threads
 def _crossfit_block_sums(block, lab, t, shift, k_folds: int) -> dict:
     """Per-fold ``[count, Σy, Σy², Σ t⁰y]`` of one 4D block, for the folds present in it."""
     from .core._crossfit import _fold_sums
@@ -373,6 +429,7 @@ def _merge_fold_sums(*parts: dict) -> dict:
     return out
 
 
+@_on_worker_threads
 def _crossfit_block_apply(block, lab, mean, w) -> np.ndarray:
     """``(x_j - mean_f) @ w_fᵀ`` for the block's used rows; ``(nw, bsy, bsx)``, NaN unused."""
     from .core._crossfit import _fold_apply
@@ -416,7 +473,7 @@ def crossfit_template_image(data: Any, template: Any, folds: Any, *,
     lab2 = plan.lab.reshape(sy, sx)
     t3 = plan.t0.reshape(-1, sy, sx)
     j0 = int(np.flatnonzero(plan.lab >= 0)[0])
-    shift = x[j0 // sx, j0 % sx].astype(np.float64)
+    (shift,) = _compute(x[j0 // sx, j0 % sx].astype(np.float64), **compute_kwargs)  # (see _pass1)
     blocks = x.to_delayed()[:, :, 0, 0]
     ys = np.concatenate([[0], np.cumsum(x.chunks[0])])
     xs = np.concatenate([[0], np.cumsum(x.chunks[1])])
@@ -424,13 +481,14 @@ def crossfit_template_image(data: Any, template: Any, folds: Any, *,
              for i in range(blocks.shape[0]) for j in range(blocks.shape[1])]
 
     # pass 1: per-fold sums, block by block, merged in a tree
-    shift_d = dask.delayed(shift)
+    shift_d = dask.delayed(shift, pure=True)
     parts = [dask.delayed(_crossfit_block_sums, pure=True)(
         blocks[i, j], lab2[a, b], t3[:, a, b], shift_d, k_folds) for i, j, a, b in spans]
     while len(parts) > 1:
         parts = [dask.delayed(_merge_fold_sums, pure=True)(*parts[q:q + 8])
                  for q in range(0, len(parts), 8)]
-    merged, c = dask.compute(parts[0], shift, **compute_kwargs)
+    (merged,) = dask.compute(parts[0], **compute_kwargs)
+    c = shift
     count = np.array([merged[f][0] for f in range(k_folds)], dtype=np.int64)
     s1 = np.stack([merged[f][1] for f in range(k_folds)])
     s2 = np.stack([merged[f][2] for f in range(k_folds)])
