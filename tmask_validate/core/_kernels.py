@@ -618,6 +618,112 @@ if _HAVE_NUMBA:
                     acc[i, c0 + c] += gacc[i, c]
 
     @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
+    def _stats_rows_f32(x, rows, t, s32, s64, s1, s2, acc, nparts):  # pragma: no cover - compiled
+        # column sums / sums of squares of y = x[rows] - shift and t @ y for k <= 4 templates:
+        # parallel over row ranges (one per thread, streamed row after row: contiguous reads
+        # the prefetchers follow), 4 rows at a time across all n columns, float32 partials
+        # (32 rows for s1/s2, 128 rows for t @ y; per-thread, n and k x n in L2) flushed into
+        # per-thread float64 sums, added up at the end.  q multiple of 4.
+        n = x.shape[1]
+        k = t.shape[0]
+        q = rows.shape[0]
+        ng = q // 4
+        fs = 8    # row groups (of 4) per float32 partial of s1/s2: 32 rows
+        fl = 32   # row groups per float32 partial of template products: 128 rows
+        G1 = np.zeros((nparts, n))
+        G2 = np.zeros((nparts, n))
+        GA = np.zeros((nparts, k, n))
+        for p in prange(nparts):
+            ga0 = (ng * p) // nparts
+            ga1 = (ng * (p + 1)) // nparts
+            ls1 = np.zeros(n, dtype=np.float32)
+            ls2 = np.zeros(n, dtype=np.float32)
+            lacc = np.zeros((k, n), dtype=np.float32)
+            y0 = np.empty(n if k > 1 else 0, dtype=np.float32)
+            y1 = np.empty(n if k > 1 else 0, dtype=np.float32)
+            y2 = np.empty(n if k > 1 else 0, dtype=np.float32)
+            y3 = np.empty(n if k > 1 else 0, dtype=np.float32)
+            g1 = G1[p]
+            g2 = G2[p]
+            for g in range(ga0, ga1):
+                jj = 4 * g
+                xa = x[rows[jj]]
+                xb = x[rows[jj + 1]]
+                xc = x[rows[jj + 2]]
+                xd = x[rows[jj + 3]]
+                if k == 0:
+                    for c in range(n):
+                        sa = s32[c]
+                        sb = s64[c]
+                        va = _shifted(xa[c], sa, sb)
+                        vb = _shifted(xb[c], sa, sb)
+                        vc = _shifted(xc[c], sa, sb)
+                        vd = _shifted(xd[c], sa, sb)
+                        ls1[c] += (va + vb) + (vc + vd)
+                        ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                else:
+                    p0 = _F32(t[0, jj])
+                    p1 = _F32(t[0, jj + 1])
+                    p2 = _F32(t[0, jj + 2])
+                    p3 = _F32(t[0, jj + 3])
+                    la = lacc[0]
+                    if k == 1:
+                        for c in range(n):
+                            sa = s32[c]
+                            sb = s64[c]
+                            va = _shifted(xa[c], sa, sb)
+                            vb = _shifted(xb[c], sa, sb)
+                            vc = _shifted(xc[c], sa, sb)
+                            vd = _shifted(xd[c], sa, sb)
+                            ls1[c] += (va + vb) + (vc + vd)
+                            ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                            la[c] += (p0 * va + p1 * vb) + (p2 * vc + p3 * vd)
+                    else:
+                        for c in range(n):
+                            sa = s32[c]
+                            sb = s64[c]
+                            va = _shifted(xa[c], sa, sb)
+                            vb = _shifted(xb[c], sa, sb)
+                            vc = _shifted(xc[c], sa, sb)
+                            vd = _shifted(xd[c], sa, sb)
+                            y0[c] = va
+                            y1[c] = vb
+                            y2[c] = vc
+                            y3[c] = vd
+                            ls1[c] += (va + vb) + (vc + vd)
+                            ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                            la[c] += (p0 * va + p1 * vb) + (p2 * vc + p3 * vd)
+                        for i in range(1, k):
+                            t0 = _F32(t[i, jj])
+                            t1 = _F32(t[i, jj + 1])
+                            t2 = _F32(t[i, jj + 2])
+                            t3 = _F32(t[i, jj + 3])
+                            lb = lacc[i]
+                            for c in range(n):
+                                lb[c] += (t0 * y0[c] + t1 * y1[c]) + (t2 * y2[c] + t3 * y3[c])
+                last = g + 1 == ga1
+                if (g + 1 - ga0) % fs == 0 or last:
+                    for c in range(n):
+                        g1[c] += ls1[c]
+                        g2[c] += ls2[c]
+                        ls1[c] = 0.0
+                        ls2[c] = 0.0
+                if k and ((g + 1 - ga0) % fl == 0 or last):
+                    for i in range(k):
+                        la = lacc[i]
+                        gg = GA[p, i]
+                        for c in range(n):
+                            gg[c] += la[c]
+                            la[c] = 0.0
+        for p in range(nparts):
+            for c in range(n):
+                s1[c] += G1[p, c]
+                s2[c] += G2[p, c]
+            for i in range(k):
+                for c in range(n):
+                    acc[i, c] += GA[p, i, c]
+
+    @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
     def _moments_f32(x, kyn, kxn, out):  # pragma: no cover - compiled
         # as _moments_numba with float32 partial sums of <= FLUSH_TERMS values
         r = x.shape[0]
@@ -744,27 +850,40 @@ def stats_tprod(x, rows, t, shift, s1, s2, acc, *, fast: bool = False) -> None:
         _stats_tprod_numpy(x, rows, t, shift, s1, s2, acc)
 
 
+#: the row-streaming statistics kernel takes passes with at most this many templates (its
+#: per-thread float32 partials, (k + 2) x n, stay in L2); more go to the column-block kernel
+ROWS_MAX_TEMPLATES = 4
+
+
+def _stats_parts(q: int) -> int:
+    """Row ranges (one per numba thread, >= 64 rows each) of the row-streaming kernel."""
+    from numba import get_num_threads
+
+    return max(1, min(get_num_threads(), q // 64))
+
+
 def _stats_fast_dispatch(x, rows, t, shift, s1, s2, acc) -> None:
     q = rows.shape[0]
     q4 = q - q % 4
-    if q4 and t.shape[0] == 0:
-        # statistics only: the float64 kernel is as fast here (measured 13.5 vs 15.0 ms per
-        # 128 MiB uint16 on one core) and needs no buffers
-        _col_stats_numba(x, rows[:q4], shift, s1, s2, 2 * COL_BLOCK)
-    elif q4:
+    if q4:
         s32, s64, delta = _shift_pair(x, shift)
         tq = np.ascontiguousarray(t[:, :q4])
+        k = tq.shape[0]
         if np.any(delta):
             # the kernel sums y' = x - s32 = y + delta: sums of y from those of y'
             p1 = np.zeros_like(s1)
             p2 = np.zeros_like(s2)
             pa = np.zeros_like(acc)
+        else:
+            p1, p2, pa = s1, s2, acc
+        if k <= ROWS_MAX_TEMPLATES:
+            _stats_rows_f32(x, rows[:q4], tq, s32, s64, p1, p2, pa, _stats_parts(q4))
+        else:
             _stats_f32(x, rows[:q4], tq, s32, s64, p1, p2, pa, COL_BLOCK)
+        if p1 is not s1:
             s1 += p1 - q4 * delta
             s2 += p2 - 2.0 * delta * p1 + q4 * delta * delta
             acc += pa - np.outer(tq.sum(axis=1), delta)
-        else:
-            _stats_f32(x, rows[:q4], tq, s32, s64, s1, s2, acc, COL_BLOCK)
     if q4 < q:  # the last 1-3 rows (numpy, float64)
         _stats_tprod_numpy(x, rows[q4:], t[:, q4:], shift, s1, s2, acc)
 
