@@ -20,11 +20,14 @@ when numba is unavailable or disabled (``TMASK_VALIDATE_NO_NUMBA=1`` or :func:`u
 
 float32 tiles (data of at least :data:`FAST_MIN_ELEMENTS` values; :func:`use_float32`)
 -------------------------------------------------------------------------------------
-``_apply_f32`` (4 patterns x 4 masks register tiles), ``_stats_f32`` (column block x 4 rows x
-4 templates) and ``_moments_f32`` form the products in float32 and flush float32 partial sums
-into float64 after at most :data:`FLUSH_TERMS` = 256 products (apply: 256 columns; stats: 128
-rows for template products, 32 rows for the column sums and sums of squares).  Error bound,
-with ``u = 2**-24``:
+``_apply_f32`` (4 patterns x 4 masks register tiles), ``_stats_rows_f32`` (<= 4 templates:
+each thread streams its own rows, 4 at a time across all columns), ``_stats_f32`` (more
+templates: column block x 8 rows x 4 templates) and ``_moments_f32`` form the products in
+float32 and flush float32 partial sums into float64: statistics after 128 rows (template
+products) and 32 rows (column sums and sums of squares), the centre of mass after 256 values,
+apply after :data:`APPLY_FLUSH_COLUMNS` = 1024 columns, which the compiled loop spreads over
+its ``V`` vector lanes (``V = 16``: AVX-512 code, checked in the assembly; the uint16 case
+with integer weights flushes every 256 columns).  Error bound, with ``u = 2**-24``:
 
 * ``y = x - s``: exact for uint8/uint16 (integers below 2**24) and for float32 data within a
   factor 2 of the shift (Sterbenz); one rounding (``|dy| <= u |y|``) for float64 and 32-bit
@@ -34,15 +37,19 @@ with ``u = 2**-24``:
   mean: large means with small variances lose nothing to cancellation.  The float32 rounding
   of a non-integer shift is corrected exactly in float64 afterwards.
 * weights and templates are rounded to float32 once (``<= u`` relative).
-* each float32 partial of ``L <= 256`` products has error ``<= gamma_L sum |y w|``,
-  ``gamma_L = L u / (1 - L u) <= 1.53e-5``; the float64 additions add ``<= 2**-53`` each.
+* each float32 partial is a sum of ``L`` products with error ``<= gamma_L sum |y w|``,
+  ``gamma_L = L u / (1 - L u)``: ``L <= 256`` for the statistics and the centre of mass, and
+  ``L = 1024 / V + log2 V`` for apply (68 with ``V = 16``; at most 258 for any ``V >= 4``,
+  1024 for scalar code), so ``gamma_L <= 1.54e-5`` with SIMD code; the float64 additions add
+  ``<= 2**-53`` each.
 
-So ``|error| <= (2u + gamma_256) * sum_c |y_c w_c|`` in the worst case; rounding errors
+So ``|error| <= (2u + gamma_258) * sum_c |y_c w_c|`` in the worst case; rounding errors
 are random in practice and grow like the square root of the terms: measured on the hard
 cases of ``tests/test_core_precision.py`` (means 1e4 / 1e6 with sigma 0.05 / 1e-3, 12-bit
 and 24-bit counts) the results stay within 4e-7 of their scale (test limit 1e-6).  For
-uint8/uint16 data with integer weights (binary detectors) and for the centre of mass of
-uint8/uint16 data every partial sum is an integer below 2**24: exact.
+uint8 data with integer weights (binary detectors; 1024 x 255 < 2**24), uint16 data with
+integer weights (256-column partials) and the centre of mass of uint8/uint16 data every
+partial sum is an integer below 2**24: exact.
 
 Performance notes (2-core AMD EPYC Zen 5, AVX-512).  See ``benchmarks/bench_core.py`` and the
 README: the float64 kernels do ``k`` float64 multiply-adds per element per pass at ~55-60 % of
@@ -341,8 +348,8 @@ FLUSH_TERMS = 256
 
 #: columns per float32 partial of ``_apply_f32``: the compiled dot products spread them over
 #: the vector lanes (16 with AVX-512, >= 4 on any x86-64 SIMD), so each lane sums at most
-#: FLUSH_TERMS products before the lanes are added pairwise (a flush per 256 columns spent
-#: as much time in the horizontal sums as in the products: measured 1.1-1.4x slower)
+#: FLUSH_TERMS products before the lanes are added pairwise (with a flush every 256 columns
+#: the 16 horizontal sums per flush cost 1.1-1.4x in time, measured single-threaded)
 APPLY_FLUSH_COLUMNS = 1024
 
 #: the float32-tile kernels are used for data of at least this many elements (m * n, 64 MiB
@@ -394,16 +401,16 @@ if _HAVE_NUMBA:
     _F32 = np.float32
 
     @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
-    def _apply_f32(x, s32, s64, w, out):  # pragma: no cover - compiled
+    def _apply_f32(x, s32, s64, w, out, bl):  # pragma: no cover - compiled
         # out[j, i] = sum_c y[j, c] * w[i, c], y = x - shift, float32 products and partial
-        # sums over APPLY_FLUSH_COLUMNS columns (spread over the vector lanes), then float64.
+        # sums over bl columns (ApplyPlan.flush_columns, spread over the vector lanes), then
+        # float64.
         # Tiles: 4 rows x 4 masks (16 accumulators: each data load serves 4 masks, each
         # weight load 4 rows); leftover masks 4 rows x 1.  The caller passes a multiple of 4
         # rows.
         r = x.shape[0]
         n = x.shape[1]
         k = w.shape[0]
-        bl = 1024  # APPLY_FLUSH_COLUMNS
         for p in prange(r // 4):
             j = 4 * p
             i = 0
@@ -991,6 +998,12 @@ class ApplyPlan:
         self.w32 = self.w.astype(np.float32)
         self.s64 = self.mu
         self.s32 = self.mu.astype(np.float32)
+        #: columns per float32 partial: APPLY_FLUSH_COLUMNS, but FLUSH_TERMS for uint16
+        #: data with integer weights (binary detectors), whose partials then stay exact
+        #: integers below 2**24
+        self.flush_columns = APPLY_FLUSH_COLUMNS
+        if self.dtype == np.dtype(np.uint16) and np.array_equal(self.w32, np.round(self.w32)):
+            self.flush_columns = FLUSH_TERMS
         if np.dtype(x_dtype) in _WIDE:
             self.corr = np.zeros(self.w.shape[0])
         else:  # the kernel subtracts s32, not mu: add sum_c (s32 - mu) w (float64)
@@ -1011,7 +1024,8 @@ def apply_weights(x, mu, w, out, *, plan: ApplyPlan | None = None) -> None:
             r4 = x.shape[0] - x.shape[0] % 4
             if r4:
                 with _LAUNCH_LOCK:
-                    _apply_f32(x[:r4], plan.s32, plan.s64, plan.w32, out[:r4])
+                    _apply_f32(x[:r4], plan.s32, plan.s64, plan.w32, out[:r4],
+                               plan.flush_columns)
                 if np.any(plan.corr):
                     out[:r4] += plan.corr
             if r4 < x.shape[0]:
