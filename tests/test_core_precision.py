@@ -305,3 +305,17 @@ def test_tiles_exact_for_16bit_counts_and_binary_masks(tiles):
     got = core.virtual_images(data, masks)
     want = (ref_D(data) @ masks.reshape(5, -1).T.astype(np.float64)).T.reshape(5, *WIDE[:2])
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["float32_offset", "uint16_12bit", "uint8"])
+def test_tiles_column_block_kernel_for_few_templates(tiles, kind, monkeypatch):
+    """Wide detectors send <= 4 templates to the column-block kernel too: same results."""
+    monkeypatch.setattr(_kernels, "ROWS_MAX_BYTES", 0)
+    data = hard_data(kind)
+    D = ref_D(data)
+    st = core.column_stats(data)
+    sd = np.sqrt(((D - ref_mean(D)) ** 2).mean(0))
+    assert np.abs(st.mean.ravel() - ref_mean(D)).max() <= TOL * sd.max(), "mean"
+    close(st.std.ravel(), sd, "std")
+    tmpl = np.random.default_rng(15).normal(size=(2, *SHAPE[:2]))
+    close(core.pcc_mask(data, tmpl), ref_pcc(data, tmpl), "pcc_mask k=2")

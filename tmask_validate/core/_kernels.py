@@ -937,9 +937,16 @@ def stats_tprod(x, rows, t, shift, s1, s2, acc, *, fast: bool = False) -> None:
         _stats_tprod_numpy(x, rows, t, shift, s1, s2, acc)
 
 
-#: the row-streaming statistics kernel takes passes with at most this many templates (its
-#: per-thread float32 partials, (k + 2) x n, stay in L2); more go to the column-block kernel
+#: the row-streaming statistics kernel takes passes with at most this many templates and at
+#: most ROWS_MAX_BYTES of per-thread float32 partials and row buffers (they stay in L2);
+#: the others go to the column-block kernel
 ROWS_MAX_TEMPLATES = 4
+ROWS_MAX_BYTES = 4 * 2**20
+
+
+def _rows_kernel_fits(k: int, n: int) -> bool:
+    """Whether a pass with ``k`` templates over ``n`` columns takes ``_stats_rows_f32``."""
+    return k <= ROWS_MAX_TEMPLATES and (k + 2 + (4 if k > 1 else 0)) * n * 4 <= ROWS_MAX_BYTES
 
 
 def _stats_parts(q: int) -> int:
@@ -951,8 +958,8 @@ def _stats_parts(q: int) -> int:
 
 def _stats_fast_dispatch(x, rows, t, shift, s1, s2, acc) -> None:
     q = rows.shape[0]
-    k = t.shape[0]
-    q4 = q - q % (4 if k <= ROWS_MAX_TEMPLATES else 8)
+    rows_kernel = _rows_kernel_fits(t.shape[0], x.shape[1])
+    q4 = q - q % (4 if rows_kernel else 8)
     if q4:
         s32, s64, delta = _shift_pair(x, shift)
         tq = np.ascontiguousarray(t[:, :q4])
@@ -963,7 +970,7 @@ def _stats_fast_dispatch(x, rows, t, shift, s1, s2, acc) -> None:
             pa = np.zeros_like(acc)
         else:
             p1, p2, pa = s1, s2, acc
-        if k <= ROWS_MAX_TEMPLATES:
+        if rows_kernel:
             _stats_rows_f32(x, rows[:q4], tq, s32, s64, p1, p2, pa, _stats_parts(q4))
         else:
             _stats_f32(x, rows[:q4], tq, s32, s64, p1, p2, pa, COL_BLOCK)
