@@ -280,11 +280,11 @@ def wide_data(kind: str) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["float32_offset", "uint16_12bit"])
 def test_tiles_on_wide_rows_and_leftover_rows(tiles, kind):
-    """Several apply flush blocks per row; 1, 3 (row kernel) and 6 (8-row kernel) templates."""
+    """Several apply flush blocks per row; 1, 3, 4 (row kernel) and 6 (8-row kernel) templates."""
     data = wide_data(kind)
     D = ref_D(data)
     rng = np.random.default_rng(12)
-    for k in (1, 3, 6):
+    for k in (1, 3, 4, 6):
         tmpl = rng.normal(size=(k, *WIDE[:2]))
         want_r = ref_pcc(data, tmpl)
         r, img = core.template_mask_image(data, tmpl)

@@ -726,10 +726,10 @@ if _HAVE_NUMBA:
             ls1 = np.zeros(n, dtype=np.float32)
             ls2 = np.zeros(n, dtype=np.float32)
             lacc = np.zeros((k, n), dtype=np.float32)
-            y0 = np.empty(n if k > 1 else 0, dtype=np.float32)
-            y1 = np.empty(n if k > 1 else 0, dtype=np.float32)
-            y2 = np.empty(n if k > 1 else 0, dtype=np.float32)
-            y3 = np.empty(n if k > 1 else 0, dtype=np.float32)
+            y0 = np.empty(n if k == 2 or k == 3 else 0, dtype=np.float32)
+            y1 = np.empty(n if k == 2 or k == 3 else 0, dtype=np.float32)
+            y2 = np.empty(n if k == 2 or k == 3 else 0, dtype=np.float32)
+            y3 = np.empty(n if k == 2 or k == 3 else 0, dtype=np.float32)
             g1 = G1[p]
             g2 = G2[p]
             for g in range(ga0, ga1):
@@ -765,7 +765,36 @@ if _HAVE_NUMBA:
                             ls1[c] += (va + vb) + (vc + vd)
                             ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
                             la[c] += (p0 * va + p1 * vb) + (p2 * vc + p3 * vd)
-                    else:
+                    elif k == 4:  # all four templates fused into the statistics sweep
+                        q0 = _F32(t[1, jj])
+                        q1 = _F32(t[1, jj + 1])
+                        q2 = _F32(t[1, jj + 2])
+                        q3 = _F32(t[1, jj + 3])
+                        r0 = _F32(t[2, jj])
+                        r1 = _F32(t[2, jj + 1])
+                        r2 = _F32(t[2, jj + 2])
+                        r3 = _F32(t[2, jj + 3])
+                        u0 = _F32(t[3, jj])
+                        u1 = _F32(t[3, jj + 1])
+                        u2 = _F32(t[3, jj + 2])
+                        u3 = _F32(t[3, jj + 3])
+                        lb = lacc[1]
+                        lc = lacc[2]
+                        ld = lacc[3]
+                        for c in range(n):
+                            sa = s32[c]
+                            sb = s64[c]
+                            va = _shifted(xa[c], sa, sb)
+                            vb = _shifted(xb[c], sa, sb)
+                            vc = _shifted(xc[c], sa, sb)
+                            vd = _shifted(xd[c], sa, sb)
+                            ls1[c] += (va + vb) + (vc + vd)
+                            ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                            la[c] += (p0 * va + p1 * vb) + (p2 * vc + p3 * vd)
+                            lb[c] += (q0 * va + q1 * vb) + (q2 * vc + q3 * vd)
+                            lc[c] += (r0 * va + r1 * vb) + (r2 * vc + r3 * vd)
+                            ld[c] += (u0 * va + u1 * vb) + (u2 * vc + u3 * vd)
+                    else:  # 2 or 3 templates: template 0 fused, the others from row buffers
                         for c in range(n):
                             sa = s32[c]
                             sb = s64[c]
@@ -946,7 +975,7 @@ ROWS_MAX_BYTES = 4 * 2**20
 
 def _rows_kernel_fits(k: int, n: int) -> bool:
     """Whether a pass with ``k`` templates over ``n`` columns takes ``_stats_rows_f32``."""
-    return k <= ROWS_MAX_TEMPLATES and (k + 2 + (4 if k > 1 else 0)) * n * 4 <= ROWS_MAX_BYTES
+    return k <= ROWS_MAX_TEMPLATES and (k + 2 + (4 if k in (2, 3) else 0)) * n * 4 <= ROWS_MAX_BYTES
 
 
 def _stats_parts(q: int) -> int:
