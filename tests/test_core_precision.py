@@ -15,7 +15,7 @@ from tmask_validate import core
 from tmask_validate.core import _kernels
 
 #: scan 40 x 30 (1200 patterns: several 128/256-row flush blocks), detector 24 x 40 (960
-#: pixels: two column blocks of the stats kernel, four 256-column blocks of the apply kernel)
+#: pixels: two column blocks of the stats kernel; WIDE below has several apply flush blocks)
 SHAPE = (40, 30, 24, 40)
 TOL = 1e-6
 
