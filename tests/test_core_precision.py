@@ -15,7 +15,7 @@ from tmask_validate import core
 from tmask_validate.core import _kernels
 
 #: scan 40 x 30 (1200 patterns: several 128/256-row flush blocks), detector 24 x 40 (960
-#: pixels: two column blocks of the stats kernel, four 256-column blocks of the apply kernel)
+#: pixels: two column blocks of the stats kernel; WIDE below has several apply flush blocks)
 SHAPE = (40, 30, 24, 40)
 TOL = 1e-6
 
@@ -258,3 +258,64 @@ def test_mib_memmap_bad_files(tmp_path):
     path.write_bytes(raw[:-100])
     with pytest.raises(ValueError, match="truncated"):
         io.mib_memmap(path)
+
+
+# ----------------------------------------------------------------------------- wide rows
+#: 110 patterns (110 % 8 = 6 and 110 % 4 = 2 leftover rows for the float64 tail), 2400 pixels
+#: per pattern: three 1024-column float32 partials of the apply kernel
+WIDE = (11, 10, 30, 80)
+
+
+def wide_data(kind: str) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    sy, sx, ky, kx = WIDE
+    sig = rng.normal(size=(sy, sx, 1, 1)) * rng.uniform(-1, 1, (ky, kx))
+    if kind == "float32_offset":
+        return (1e4 + 0.03 * sig + rng.normal(0, 0.03, WIDE)).astype(np.float32)
+    if kind == "uint16_12bit":
+        return np.clip(np.round(4000 + 3 * sig + rng.normal(0, 3, WIDE)), 0, 4095).astype(
+            np.uint16)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["float32_offset", "uint16_12bit"])
+def test_tiles_on_wide_rows_and_leftover_rows(tiles, kind):
+    """Several apply flush blocks per row; 1, 3, 4 (row kernel) and 6 (8-row kernel) templates."""
+    data = wide_data(kind)
+    D = ref_D(data)
+    rng = np.random.default_rng(12)
+    for k in (1, 3, 4, 6):
+        tmpl = rng.normal(size=(k, *WIDE[:2]))
+        want_r = ref_pcc(data, tmpl)
+        r, img = core.template_mask_image(data, tmpl)
+        close(r, want_r, f"pcc_mask k={k}")
+        want_img = (ref_Dhat(D) @ want_r.reshape(k, -1).T).T.reshape(k, *WIDE[:2])
+        close(img, want_img, f"template image k={k}")
+    w = rng.normal(size=(5, *WIDE[2:]))
+    close(core.apply_mask(data, w), (ref_Dhat(D) @ w.reshape(5, -1).T).T.reshape(5, *WIDE[:2]),
+          "apply")
+    close(core.virtual_images(data, np.abs(w)),
+          (D @ np.abs(w).reshape(5, -1).T).T.reshape(5, *WIDE[:2]), "virtual images")
+
+
+def test_tiles_exact_for_16bit_counts_and_binary_masks(tiles):
+    """Full-range uint16 counts x binary masks on wide rows: still exact integers."""
+    data = np.random.default_rng(13).integers(60000, 65536, size=WIDE, dtype=np.uint16)
+    masks = np.random.default_rng(14).random((5, *WIDE[2:])) > 0.3
+    got = core.virtual_images(data, masks)
+    want = (ref_D(data) @ masks.reshape(5, -1).T.astype(np.float64)).T.reshape(5, *WIDE[:2])
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["float32_offset", "uint16_12bit", "uint8"])
+def test_tiles_column_block_kernel_for_few_templates(tiles, kind, monkeypatch):
+    """Wide detectors send <= 4 templates to the column-block kernel too: same results."""
+    monkeypatch.setattr(_kernels, "ROWS_MAX_BYTES", 0)
+    data = hard_data(kind)
+    D = ref_D(data)
+    st = core.column_stats(data)
+    sd = np.sqrt(((D - ref_mean(D)) ** 2).mean(0))
+    assert np.abs(st.mean.ravel() - ref_mean(D)).max() <= TOL * sd.max(), "mean"
+    close(st.std.ravel(), sd, "std")
+    tmpl = np.random.default_rng(15).normal(size=(2, *SHAPE[:2]))
+    close(core.pcc_mask(data, tmpl), ref_pcc(data, tmpl), "pcc_mask k=2")

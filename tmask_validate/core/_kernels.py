@@ -20,11 +20,14 @@ when numba is unavailable or disabled (``TMASK_VALIDATE_NO_NUMBA=1`` or :func:`u
 
 float32 tiles (data of at least :data:`FAST_MIN_ELEMENTS` values; :func:`use_float32`)
 -------------------------------------------------------------------------------------
-``_apply_f32`` (4 patterns x 4 masks register tiles), ``_stats_f32`` (column block x 4 rows x
-4 templates) and ``_moments_f32`` form the products in float32 and flush float32 partial sums
-into float64 after at most :data:`FLUSH_TERMS` = 256 products (apply: 256 columns; stats: 128
-rows for template products, 32 rows for the column sums and sums of squares).  Error bound,
-with ``u = 2**-24``:
+``_apply_f32`` (4 patterns x 4 masks register tiles), ``_stats_rows_f32`` (<= 4 templates:
+each thread streams its own rows, 4 at a time across all columns), ``_stats_f32`` (more
+templates: column block x 8 rows x 4 templates) and ``_moments_f32`` form the products in
+float32 and flush float32 partial sums into float64: statistics after 128 rows (template
+products) and 32 rows (column sums and sums of squares), the centre of mass after 256 values,
+apply after :data:`APPLY_FLUSH_COLUMNS` = 1024 columns, which the compiled loop spreads over
+its ``V`` vector lanes (``V = 16``: AVX-512 code, checked in the assembly; the uint16 case
+with integer weights flushes every 256 columns).  Error bound, with ``u = 2**-24``:
 
 * ``y = x - s``: exact for uint8/uint16 (integers below 2**24) and for float32 data within a
   factor 2 of the shift (Sterbenz); one rounding (``|dy| <= u |y|``) for float64 and 32-bit
@@ -34,15 +37,19 @@ with ``u = 2**-24``:
   mean: large means with small variances lose nothing to cancellation.  The float32 rounding
   of a non-integer shift is corrected exactly in float64 afterwards.
 * weights and templates are rounded to float32 once (``<= u`` relative).
-* each float32 partial of ``L <= 256`` products has error ``<= gamma_L sum |y w|``,
-  ``gamma_L = L u / (1 - L u) <= 1.53e-5``; the float64 additions add ``<= 2**-53`` each.
+* each float32 partial is a sum of ``L`` products with error ``<= gamma_L sum |y w|``,
+  ``gamma_L = L u / (1 - L u)``: ``L <= 256`` for the statistics and the centre of mass, and
+  ``L = 1024 / V + log2 V`` for apply (68 with ``V = 16``; at most 258 for any ``V >= 4``,
+  1024 for scalar code), so ``gamma_L <= 1.54e-5`` with SIMD code; the float64 additions add
+  ``<= 2**-53`` each.
 
-So ``|error| <= (2u + gamma_256) * sum_c |y_c w_c|`` in the worst case; rounding errors
+So ``|error| <= (2u + gamma_258) * sum_c |y_c w_c|`` in the worst case; rounding errors
 are random in practice and grow like the square root of the terms: measured on the hard
 cases of ``tests/test_core_precision.py`` (means 1e4 / 1e6 with sigma 0.05 / 1e-3, 12-bit
 and 24-bit counts) the results stay within 4e-7 of their scale (test limit 1e-6).  For
-uint8/uint16 data with integer weights (binary detectors) and for the centre of mass of
-uint8/uint16 data every partial sum is an integer below 2**24: exact.
+uint8 data with integer weights (binary detectors; 1024 x 255 < 2**24), uint16 data with
+integer weights (256-column partials) and the centre of mass of uint8/uint16 data every
+partial sum is an integer below 2**24: exact.
 
 Performance notes (2-core AMD EPYC Zen 5, AVX-512).  See ``benchmarks/bench_core.py`` and the
 README: the float64 kernels do ``k`` float64 multiply-adds per element per pass at ~55-60 % of
@@ -339,6 +346,12 @@ if _HAVE_NUMBA:
 #: float32 partial sums are flushed into float64 after at most this many products
 FLUSH_TERMS = 256
 
+#: columns per float32 partial of ``_apply_f32``: the compiled dot products spread them over
+#: the vector lanes (16 with AVX-512, >= 4 on any x86-64 SIMD), so each lane sums at most
+#: FLUSH_TERMS products before the lanes are added pairwise (with a flush every 256 columns
+#: the 16 horizontal sums per flush cost 1.1-1.4x in time, measured single-threaded)
+APPLY_FLUSH_COLUMNS = 1024
+
 #: the float32-tile kernels are used for data of at least this many elements (m * n, 64 MiB
 #: of float32) unless :func:`use_float32` says otherwise; smaller data take the float64
 #: kernels (a pass over them costs milliseconds either way, and they give results exact to
@@ -388,15 +401,16 @@ if _HAVE_NUMBA:
     _F32 = np.float32
 
     @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
-    def _apply_f32(x, s32, s64, w, out):  # pragma: no cover - compiled
+    def _apply_f32(x, s32, s64, w, out, bl):  # pragma: no cover - compiled
         # out[j, i] = sum_c y[j, c] * w[i, c], y = x - shift, float32 products and partial
-        # sums over FLUSH_TERMS columns, then float64.  Tiles: 4 rows x 4 masks (16
-        # accumulators: each data load serves 4 masks, each weight load 4 rows); leftover
-        # masks 4 rows x 1.  The caller passes a multiple of 4 rows.
+        # sums over bl columns (ApplyPlan.flush_columns, spread over the vector lanes), then
+        # float64.
+        # Tiles: 4 rows x 4 masks (16 accumulators: each data load serves 4 masks, each
+        # weight load 4 rows); leftover masks 4 rows x 1.  The caller passes a multiple of 4
+        # rows.
         r = x.shape[0]
         n = x.shape[1]
         k = w.shape[0]
-        bl = 256
         for p in prange(r // 4):
             j = 4 * p
             i = 0
@@ -513,24 +527,22 @@ if _HAVE_NUMBA:
 
     @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
     def _stats_f32(x, rows, t, s32, s64, s1, s2, acc, cb):  # pragma: no cover - compiled
-        # column sums / sums of squares of y = x[rows] - shift and t @ y: parallel over column
-        # blocks (float32 accumulators k x cb in L1 owned by one thread), rows 4 at a time,
-        # templates 4 at a time (each accumulator load/store serves 16 products); float32
-        # partial sums are flushed into float64 every FLUSH_TERMS rows.  q multiple of 4.
+        # column sums / sums of squares of y = x[rows] - shift and t @ y (many templates):
+        # parallel over column blocks (float32 accumulators k x cb in L1/L2 owned by one
+        # thread), rows 8 at a time into float32 buffers, then templates 4 at a time (each
+        # accumulator load/store serves 8 products, each buffer load 4); float32 partial sums
+        # are flushed into float64 every 128 rows (t @ y) and 32 rows (s1, s2).  q multiple of 8.
         n = x.shape[1]
         k = t.shape[0]
         q = rows.shape[0]
         nb = (n + cb - 1) // cb
-        fl = 128  # rows per float32 partial of the template products
-        fs = 32  # rows per float32 partial of the column sums / sums of squares
+        fl = 128
+        fs = 32
         for b in prange(nb):
             c0 = b * cb
             c1 = min(n, c0 + cb)
             wd = c1 - c0
-            y0 = np.empty(cb, dtype=np.float32)
-            y1 = np.empty(cb, dtype=np.float32)
-            y2 = np.empty(cb, dtype=np.float32)
-            y3 = np.empty(cb, dtype=np.float32)
+            Y = np.empty((8, cb), dtype=np.float32)
             ls1 = np.zeros(cb, dtype=np.float32)
             ls2 = np.zeros(cb, dtype=np.float32)
             lacc = np.zeros((k, cb), dtype=np.float32)
@@ -539,25 +551,38 @@ if _HAVE_NUMBA:
             gacc = np.zeros((k, cb))
             sa = s32[c0:c1]
             sb = s64[c0:c1]
+            y0 = Y[0]
+            y1 = Y[1]
+            y2 = Y[2]
+            y3 = Y[3]
+            y4 = Y[4]
+            y5 = Y[5]
+            y6 = Y[6]
+            y7 = Y[7]
             for jb in range(0, q, fl):
                 je = min(q, jb + fl)
-                for jj in range(jb, je, 4):
-                    xa = x[rows[jj], c0:c1]
-                    xb = x[rows[jj + 1], c0:c1]
-                    xc = x[rows[jj + 2], c0:c1]
-                    xd = x[rows[jj + 3], c0:c1]
-                    for c in range(wd):
-                        va = _shifted(xa[c], sa[c], sb[c])
-                        vb = _shifted(xb[c], sa[c], sb[c])
-                        vc = _shifted(xc[c], sa[c], sb[c])
-                        vd = _shifted(xd[c], sa[c], sb[c])
-                        y0[c] = va
-                        y1[c] = vb
-                        y2[c] = vc
-                        y3[c] = vd
-                        ls1[c] += (va + vb) + (vc + vd)
-                        ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
-                    if (jj + 4 - jb) % fs == 0 or jj + 4 >= je:
+                for jj in range(jb, je, 8):
+                    for h in range(2):
+                        xa = x[rows[jj + 4 * h], c0:c1]
+                        xb = x[rows[jj + 4 * h + 1], c0:c1]
+                        xc = x[rows[jj + 4 * h + 2], c0:c1]
+                        xd = x[rows[jj + 4 * h + 3], c0:c1]
+                        ya = Y[4 * h]
+                        yb = Y[4 * h + 1]
+                        yc = Y[4 * h + 2]
+                        yd = Y[4 * h + 3]
+                        for c in range(wd):
+                            va = _shifted(xa[c], sa[c], sb[c])
+                            vb = _shifted(xb[c], sa[c], sb[c])
+                            vc = _shifted(xc[c], sa[c], sb[c])
+                            vd = _shifted(xd[c], sa[c], sb[c])
+                            ya[c] = va
+                            yb[c] = vb
+                            yc[c] = vc
+                            yd[c] = vd
+                            ls1[c] += (va + vb) + (vc + vd)
+                            ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                    if (jj + 8 - jb) % fs == 0 or jj + 8 >= je:
                         for c in range(wd):
                             g1[c] += ls1[c]
                             g2[c] += ls2[c]
@@ -565,44 +590,106 @@ if _HAVE_NUMBA:
                             ls2[c] = 0.0
                     i = 0
                     while i + 4 <= k:
-                        p0 = _F32(t[i, jj])
-                        p1 = _F32(t[i, jj + 1])
-                        p2 = _F32(t[i, jj + 2])
-                        p3 = _F32(t[i, jj + 3])
-                        q0 = _F32(t[i + 1, jj])
-                        q1 = _F32(t[i + 1, jj + 1])
-                        q2 = _F32(t[i + 1, jj + 2])
-                        q3 = _F32(t[i + 1, jj + 3])
-                        r0 = _F32(t[i + 2, jj])
-                        r1 = _F32(t[i + 2, jj + 1])
-                        r2 = _F32(t[i + 2, jj + 2])
-                        r3 = _F32(t[i + 2, jj + 3])
-                        u0 = _F32(t[i + 3, jj])
-                        u1 = _F32(t[i + 3, jj + 1])
-                        u2 = _F32(t[i + 3, jj + 2])
-                        u3 = _F32(t[i + 3, jj + 3])
                         la = lacc[i]
                         lb = lacc[i + 1]
                         lc = lacc[i + 2]
                         ld = lacc[i + 3]
-                        for c in range(wd):
-                            ya = y0[c]
-                            yb = y1[c]
-                            yc = y2[c]
-                            yd = y3[c]
-                            la[c] += (p0 * ya + p1 * yb) + (p2 * yc + p3 * yd)
-                            lb[c] += (q0 * ya + q1 * yb) + (q2 * yc + q3 * yd)
-                            lc[c] += (r0 * ya + r1 * yb) + (r2 * yc + r3 * yd)
-                            ld[c] += (u0 * ya + u1 * yb) + (u2 * yc + u3 * yd)
-                        i += 4
-                    while i < k:
                         p0 = _F32(t[i, jj])
                         p1 = _F32(t[i, jj + 1])
                         p2 = _F32(t[i, jj + 2])
                         p3 = _F32(t[i, jj + 3])
-                        la = lacc[i]
+                        p4 = _F32(t[i, jj + 4])
+                        p5 = _F32(t[i, jj + 5])
+                        p6 = _F32(t[i, jj + 6])
+                        p7 = _F32(t[i, jj + 7])
+                        q0 = _F32(t[i + 1, jj])
+                        q1 = _F32(t[i + 1, jj + 1])
+                        q2 = _F32(t[i + 1, jj + 2])
+                        q3 = _F32(t[i + 1, jj + 3])
+                        q4 = _F32(t[i + 1, jj + 4])
+                        q5 = _F32(t[i + 1, jj + 5])
+                        q6 = _F32(t[i + 1, jj + 6])
+                        q7 = _F32(t[i + 1, jj + 7])
+                        r0 = _F32(t[i + 2, jj])
+                        r1 = _F32(t[i + 2, jj + 1])
+                        r2 = _F32(t[i + 2, jj + 2])
+                        r3 = _F32(t[i + 2, jj + 3])
+                        r4 = _F32(t[i + 2, jj + 4])
+                        r5 = _F32(t[i + 2, jj + 5])
+                        r6 = _F32(t[i + 2, jj + 6])
+                        r7 = _F32(t[i + 2, jj + 7])
+                        u0 = _F32(t[i + 3, jj])
+                        u1 = _F32(t[i + 3, jj + 1])
+                        u2 = _F32(t[i + 3, jj + 2])
+                        u3 = _F32(t[i + 3, jj + 3])
+                        u4 = _F32(t[i + 3, jj + 4])
+                        u5 = _F32(t[i + 3, jj + 5])
+                        u6 = _F32(t[i + 3, jj + 6])
+                        u7 = _F32(t[i + 3, jj + 7])
                         for c in range(wd):
-                            la[c] += (p0 * y0[c] + p1 * y1[c]) + (p2 * y2[c] + p3 * y3[c])
+                            e0 = y0[c]
+                            e1 = y1[c]
+                            e2 = y2[c]
+                            e3 = y3[c]
+                            e4 = y4[c]
+                            e5 = y5[c]
+                            e6 = y6[c]
+                            e7 = y7[c]
+                            la[c] += (((p0 * e0 + p1 * e1) + (p2 * e2 + p3 * e3))
+                                      + ((p4 * e4 + p5 * e5) + (p6 * e6 + p7 * e7)))
+                            lb[c] += (((q0 * e0 + q1 * e1) + (q2 * e2 + q3 * e3))
+                                      + ((q4 * e4 + q5 * e5) + (q6 * e6 + q7 * e7)))
+                            lc[c] += (((r0 * e0 + r1 * e1) + (r2 * e2 + r3 * e3))
+                                      + ((r4 * e4 + r5 * e5) + (r6 * e6 + r7 * e7)))
+                            ld[c] += (((u0 * e0 + u1 * e1) + (u2 * e2 + u3 * e3))
+                                      + ((u4 * e4 + u5 * e5) + (u6 * e6 + u7 * e7)))
+                        i += 4
+                    while i + 2 <= k:
+                        la = lacc[i]
+                        lb = lacc[i + 1]
+                        p0 = _F32(t[i, jj])
+                        p1 = _F32(t[i, jj + 1])
+                        p2 = _F32(t[i, jj + 2])
+                        p3 = _F32(t[i, jj + 3])
+                        p4 = _F32(t[i, jj + 4])
+                        p5 = _F32(t[i, jj + 5])
+                        p6 = _F32(t[i, jj + 6])
+                        p7 = _F32(t[i, jj + 7])
+                        q0 = _F32(t[i + 1, jj])
+                        q1 = _F32(t[i + 1, jj + 1])
+                        q2 = _F32(t[i + 1, jj + 2])
+                        q3 = _F32(t[i + 1, jj + 3])
+                        q4 = _F32(t[i + 1, jj + 4])
+                        q5 = _F32(t[i + 1, jj + 5])
+                        q6 = _F32(t[i + 1, jj + 6])
+                        q7 = _F32(t[i + 1, jj + 7])
+                        for c in range(wd):
+                            e0 = y0[c]
+                            e1 = y1[c]
+                            e2 = y2[c]
+                            e3 = y3[c]
+                            e4 = y4[c]
+                            e5 = y5[c]
+                            e6 = y6[c]
+                            e7 = y7[c]
+                            la[c] += (((p0 * e0 + p1 * e1) + (p2 * e2 + p3 * e3))
+                                      + ((p4 * e4 + p5 * e5) + (p6 * e6 + p7 * e7)))
+                            lb[c] += (((q0 * e0 + q1 * e1) + (q2 * e2 + q3 * e3))
+                                      + ((q4 * e4 + q5 * e5) + (q6 * e6 + q7 * e7)))
+                        i += 2
+                    while i < k:
+                        la = lacc[i]
+                        p0 = _F32(t[i, jj])
+                        p1 = _F32(t[i, jj + 1])
+                        p2 = _F32(t[i, jj + 2])
+                        p3 = _F32(t[i, jj + 3])
+                        p4 = _F32(t[i, jj + 4])
+                        p5 = _F32(t[i, jj + 5])
+                        p6 = _F32(t[i, jj + 6])
+                        p7 = _F32(t[i, jj + 7])
+                        for c in range(wd):
+                            la[c] += (((p0 * y0[c] + p1 * y1[c]) + (p2 * y2[c] + p3 * y3[c]))
+                                      + ((p4 * y4[c] + p5 * y5[c]) + (p6 * y6[c] + p7 * y7[c])))
                         i += 1
                 for i in range(k):
                     la = lacc[i]
@@ -616,6 +703,141 @@ if _HAVE_NUMBA:
             for i in range(k):
                 for c in range(wd):
                     acc[i, c0 + c] += gacc[i, c]
+
+    @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
+    def _stats_rows_f32(x, rows, t, s32, s64, s1, s2, acc, nparts):  # pragma: no cover - compiled
+        # column sums / sums of squares of y = x[rows] - shift and t @ y for k <= 4 templates:
+        # parallel over row ranges (one per thread, streamed row after row: contiguous reads
+        # the prefetchers follow), 4 rows at a time across all n columns, float32 partials
+        # (32 rows for s1/s2, 128 rows for t @ y; per-thread, n and k x n in L2) flushed into
+        # per-thread float64 sums, added up at the end.  q multiple of 4.
+        n = x.shape[1]
+        k = t.shape[0]
+        q = rows.shape[0]
+        ng = q // 4
+        fs = 8    # row groups (of 4) per float32 partial of s1/s2: 32 rows
+        fl = 32   # row groups per float32 partial of template products: 128 rows
+        G1 = np.zeros((nparts, n))
+        G2 = np.zeros((nparts, n))
+        GA = np.zeros((nparts, k, n))
+        for p in prange(nparts):
+            ga0 = (ng * p) // nparts
+            ga1 = (ng * (p + 1)) // nparts
+            ls1 = np.zeros(n, dtype=np.float32)
+            ls2 = np.zeros(n, dtype=np.float32)
+            lacc = np.zeros((k, n), dtype=np.float32)
+            y0 = np.empty(n if k == 2 or k == 3 else 0, dtype=np.float32)
+            y1 = np.empty(n if k == 2 or k == 3 else 0, dtype=np.float32)
+            y2 = np.empty(n if k == 2 or k == 3 else 0, dtype=np.float32)
+            y3 = np.empty(n if k == 2 or k == 3 else 0, dtype=np.float32)
+            g1 = G1[p]
+            g2 = G2[p]
+            for g in range(ga0, ga1):
+                jj = 4 * g
+                xa = x[rows[jj]]
+                xb = x[rows[jj + 1]]
+                xc = x[rows[jj + 2]]
+                xd = x[rows[jj + 3]]
+                if k == 0:
+                    for c in range(n):
+                        sa = s32[c]
+                        sb = s64[c]
+                        va = _shifted(xa[c], sa, sb)
+                        vb = _shifted(xb[c], sa, sb)
+                        vc = _shifted(xc[c], sa, sb)
+                        vd = _shifted(xd[c], sa, sb)
+                        ls1[c] += (va + vb) + (vc + vd)
+                        ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                else:
+                    p0 = _F32(t[0, jj])
+                    p1 = _F32(t[0, jj + 1])
+                    p2 = _F32(t[0, jj + 2])
+                    p3 = _F32(t[0, jj + 3])
+                    la = lacc[0]
+                    if k == 1:
+                        for c in range(n):
+                            sa = s32[c]
+                            sb = s64[c]
+                            va = _shifted(xa[c], sa, sb)
+                            vb = _shifted(xb[c], sa, sb)
+                            vc = _shifted(xc[c], sa, sb)
+                            vd = _shifted(xd[c], sa, sb)
+                            ls1[c] += (va + vb) + (vc + vd)
+                            ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                            la[c] += (p0 * va + p1 * vb) + (p2 * vc + p3 * vd)
+                    elif k == 4:  # all four templates fused into the statistics sweep
+                        q0 = _F32(t[1, jj])
+                        q1 = _F32(t[1, jj + 1])
+                        q2 = _F32(t[1, jj + 2])
+                        q3 = _F32(t[1, jj + 3])
+                        r0 = _F32(t[2, jj])
+                        r1 = _F32(t[2, jj + 1])
+                        r2 = _F32(t[2, jj + 2])
+                        r3 = _F32(t[2, jj + 3])
+                        u0 = _F32(t[3, jj])
+                        u1 = _F32(t[3, jj + 1])
+                        u2 = _F32(t[3, jj + 2])
+                        u3 = _F32(t[3, jj + 3])
+                        lb = lacc[1]
+                        lc = lacc[2]
+                        ld = lacc[3]
+                        for c in range(n):
+                            sa = s32[c]
+                            sb = s64[c]
+                            va = _shifted(xa[c], sa, sb)
+                            vb = _shifted(xb[c], sa, sb)
+                            vc = _shifted(xc[c], sa, sb)
+                            vd = _shifted(xd[c], sa, sb)
+                            ls1[c] += (va + vb) + (vc + vd)
+                            ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                            la[c] += (p0 * va + p1 * vb) + (p2 * vc + p3 * vd)
+                            lb[c] += (q0 * va + q1 * vb) + (q2 * vc + q3 * vd)
+                            lc[c] += (r0 * va + r1 * vb) + (r2 * vc + r3 * vd)
+                            ld[c] += (u0 * va + u1 * vb) + (u2 * vc + u3 * vd)
+                    else:  # 2 or 3 templates: template 0 fused, the others from row buffers
+                        for c in range(n):
+                            sa = s32[c]
+                            sb = s64[c]
+                            va = _shifted(xa[c], sa, sb)
+                            vb = _shifted(xb[c], sa, sb)
+                            vc = _shifted(xc[c], sa, sb)
+                            vd = _shifted(xd[c], sa, sb)
+                            y0[c] = va
+                            y1[c] = vb
+                            y2[c] = vc
+                            y3[c] = vd
+                            ls1[c] += (va + vb) + (vc + vd)
+                            ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                            la[c] += (p0 * va + p1 * vb) + (p2 * vc + p3 * vd)
+                        for i in range(1, k):
+                            t0 = _F32(t[i, jj])
+                            t1 = _F32(t[i, jj + 1])
+                            t2 = _F32(t[i, jj + 2])
+                            t3 = _F32(t[i, jj + 3])
+                            lb = lacc[i]
+                            for c in range(n):
+                                lb[c] += (t0 * y0[c] + t1 * y1[c]) + (t2 * y2[c] + t3 * y3[c])
+                last = g + 1 == ga1
+                if (g + 1 - ga0) % fs == 0 or last:
+                    for c in range(n):
+                        g1[c] += ls1[c]
+                        g2[c] += ls2[c]
+                        ls1[c] = 0.0
+                        ls2[c] = 0.0
+                if k and ((g + 1 - ga0) % fl == 0 or last):
+                    for i in range(k):
+                        la = lacc[i]
+                        gg = GA[p, i]
+                        for c in range(n):
+                            gg[c] += la[c]
+                            la[c] = 0.0
+        for p in range(nparts):
+            for c in range(n):
+                s1[c] += G1[p, c]
+                s2[c] += G2[p, c]
+            for i in range(k):
+                for c in range(n):
+                    acc[i, c] += GA[p, i, c]
 
     @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
     def _moments_f32(x, kyn, kxn, out):  # pragma: no cover - compiled
@@ -744,14 +966,30 @@ def stats_tprod(x, rows, t, shift, s1, s2, acc, *, fast: bool = False) -> None:
         _stats_tprod_numpy(x, rows, t, shift, s1, s2, acc)
 
 
+#: the row-streaming statistics kernel takes passes with at most this many templates and at
+#: most ROWS_MAX_BYTES of per-thread float32 partials and row buffers (they stay in L2);
+#: the others go to the column-block kernel
+ROWS_MAX_TEMPLATES = 4
+ROWS_MAX_BYTES = 4 * 2**20
+
+
+def _rows_kernel_fits(k: int, n: int) -> bool:
+    """Whether a pass with ``k`` templates over ``n`` columns takes ``_stats_rows_f32``."""
+    return k <= ROWS_MAX_TEMPLATES and (k + 2 + (4 if k in (2, 3) else 0)) * n * 4 <= ROWS_MAX_BYTES
+
+
+def _stats_parts(q: int) -> int:
+    """Row ranges (one per numba thread, >= 64 rows each) of the row-streaming kernel."""
+    from numba import get_num_threads
+
+    return max(1, min(get_num_threads(), q // 64))
+
+
 def _stats_fast_dispatch(x, rows, t, shift, s1, s2, acc) -> None:
     q = rows.shape[0]
-    q4 = q - q % 4
-    if q4 and t.shape[0] == 0:
-        # statistics only: the float64 kernel is as fast here (measured 13.5 vs 15.0 ms per
-        # 128 MiB uint16 on one core) and needs no buffers
-        _col_stats_numba(x, rows[:q4], shift, s1, s2, 2 * COL_BLOCK)
-    elif q4:
+    rows_kernel = _rows_kernel_fits(t.shape[0], x.shape[1])
+    q4 = q - q % (4 if rows_kernel else 8)
+    if q4:
         s32, s64, delta = _shift_pair(x, shift)
         tq = np.ascontiguousarray(t[:, :q4])
         if np.any(delta):
@@ -759,13 +997,17 @@ def _stats_fast_dispatch(x, rows, t, shift, s1, s2, acc) -> None:
             p1 = np.zeros_like(s1)
             p2 = np.zeros_like(s2)
             pa = np.zeros_like(acc)
+        else:
+            p1, p2, pa = s1, s2, acc
+        if rows_kernel:
+            _stats_rows_f32(x, rows[:q4], tq, s32, s64, p1, p2, pa, _stats_parts(q4))
+        else:
             _stats_f32(x, rows[:q4], tq, s32, s64, p1, p2, pa, COL_BLOCK)
+        if p1 is not s1:
             s1 += p1 - q4 * delta
             s2 += p2 - 2.0 * delta * p1 + q4 * delta * delta
             acc += pa - np.outer(tq.sum(axis=1), delta)
-        else:
-            _stats_f32(x, rows[:q4], tq, s32, s64, s1, s2, acc, COL_BLOCK)
-    if q4 < q:  # the last 1-3 rows (numpy, float64)
+    if q4 < q:  # the last 1-7 rows (numpy, float64)
         _stats_tprod_numpy(x, rows[q4:], t[:, q4:], shift, s1, s2, acc)
 
 
@@ -792,10 +1034,18 @@ class ApplyPlan:
         self.w32 = self.w.astype(np.float32)
         self.s64 = self.mu
         self.s32 = self.mu.astype(np.float32)
+        #: columns per float32 partial: APPLY_FLUSH_COLUMNS, but FLUSH_TERMS for uint16
+        #: data with integer weights (binary detectors), whose partials then stay exact
+        #: integers below 2**24
+        self.flush_columns = APPLY_FLUSH_COLUMNS
+        if self.dtype == np.dtype(np.uint16) and np.array_equal(self.w32, np.round(self.w32)):
+            self.flush_columns = FLUSH_TERMS
         if np.dtype(x_dtype) in _WIDE:
             self.corr = np.zeros(self.w.shape[0])
         else:  # the kernel subtracts s32, not mu: add sum_c (s32 - mu) w (float64)
-            self.corr = self.w @ (self.s32.astype(np.float64) - self.mu)
+            # (einsum, not BLAS: a BLAS call wakes its thread pool, measured 15 ms on a busy
+            # machine for this k x n product)
+            self.corr = np.einsum("ij,j->i", self.w, self.s32.astype(np.float64) - self.mu)
 
 
 def apply_weights(x, mu, w, out, *, plan: ApplyPlan | None = None) -> None:
@@ -810,7 +1060,8 @@ def apply_weights(x, mu, w, out, *, plan: ApplyPlan | None = None) -> None:
             r4 = x.shape[0] - x.shape[0] % 4
             if r4:
                 with _LAUNCH_LOCK:
-                    _apply_f32(x[:r4], plan.s32, plan.s64, plan.w32, out[:r4])
+                    _apply_f32(x[:r4], plan.s32, plan.s64, plan.w32, out[:r4],
+                               plan.flush_columns)
                 if np.any(plan.corr):
                     out[:r4] += plan.corr
             if r4 < x.shape[0]:
