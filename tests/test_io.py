@@ -509,3 +509,24 @@ def test_garbage_hdr_names_the_file(tmp_path, capsys):
     hdr.write_text("hello, world\n")  # text, but not a Merlin header
     with pytest.raises(ValueError, match="does not start with 'HDR'"):
         load(p, scan_shape=(2, 3))
+
+
+def test_mib_header_scan_reads_ahead_small_files_only(tmp_path, monkeypatch):
+    """Inferring the scan shape from the frame headers asks for read-ahead of the whole file
+    when it fits in half the free memory (cold files: one streamed read, not a seek per frame)."""
+    import os
+
+    from tmask_validate import io as tio
+
+    data = np.random.default_rng(3).integers(0, 4096, size=(3, 4, 8, 8))
+    p = write_mib(tmp_path / "x.mib", data, bit_depth=12, frames_per_trigger=1)
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(tio.os, "posix_fadvise",
+                        lambda fd, off, ln, adv: calls.append(adv) or real(fd, off, ln, adv))
+    assert tio.mib_memmap(p).shape == data.shape  # shape from the flyback gaps
+    assert calls == [os.POSIX_FADV_WILLNEED]
+    calls.clear()
+    monkeypatch.setattr(tio, "_readahead_budget_bytes", lambda: 10)
+    assert tio.mib_memmap(p).shape == data.shape
+    assert calls == []
