@@ -14,6 +14,11 @@ same run.  ratio = time / roofline.  Repeats are interleaved (roofline read, ope
 roofline read, ...) and minima kept.  The datasets are memory-mapped ``.npy`` files
 (page cache), LiberTEM 0.16 runs its inline executor on the same memmap.
 
+Every timed call starts after a pause of :data:`PAUSE_S`: after a call returns, OpenBLAS's
+worker threads keep spinning for about 0.1 s and numba's OpenMP threads for a moment, and on
+two cores whatever runs next shares them (measured: 16 detectors on 1 GiB float32 took
+66 ms alone, 123 ms right after the roofline's BLAS read, 73 ms after a 0.2 s pause).
+
 OpenBLAS slows down when ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` are set (some of these
 machines set them); the script re-executes itself once without them, for this process only,
 and prints the BLAS kernel threadpoolctl reports.
@@ -41,7 +46,13 @@ import numpy as np  # noqa: E402
 from tmask_validate import core, io  # noqa: E402
 
 
-def _time(fn) -> float:
+#: seconds of idle before every timed call (see the module notes)
+PAUSE_S = 0.25
+
+
+def _time(fn, pause: bool = True) -> float:
+    if pause:
+        time.sleep(PAUSE_S)
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -151,12 +162,15 @@ class Roofline:
         self.v = np.ones(n, np.float32)
         a = np.random.default_rng(8).random((2048, 2048), dtype=np.float32)
         self.ref @ self.v
-        best = min(_time(lambda: a @ a) for _ in range(5))
+        best = min(_time(lambda: a @ a, pause=False) for _ in range(5))
         self.fma_per_s = 2048**3 / best
 
     def read_bw(self) -> float:
         """Bytes per second of one BLAS float32 D @ v read, measured now (best of 3)."""
-        return self.ref.nbytes / min(_time(lambda: self.ref @ self.v) for _ in range(3))
+        # back to back, no pause: the first call wakes OpenBLAS's threads, the best of the
+        # others is the warm read
+        return self.ref.nbytes / min(_time(lambda: self.ref @ self.v, pause=False)
+                                     for _ in range(4))
 
 
 def _blas_info() -> str:
