@@ -22,7 +22,7 @@ float32 tiles (data of at least :data:`FAST_MIN_ELEMENTS` values; :func:`use_flo
 -------------------------------------------------------------------------------------
 ``_apply_f32`` (4 patterns x 4 masks register tiles), ``_stats_rows_f32`` (<= 4 templates:
 each thread streams its own rows, 4 at a time across all columns), ``_stats_f32`` (more
-templates: column block x 8 rows x 4 templates) and ``_moments_f32`` form the products in
+templates: column block x 4 rows x 4 templates) and ``_moments_f32`` form the products in
 float32 and flush float32 partial sums into float64: statistics after 128 rows (template
 products) and 32 rows (column sums and sums of squares), the centre of mass after 256 values,
 apply after :data:`APPLY_FLUSH_COLUMNS` = 1024 columns, which the compiled loop spreads over
@@ -528,10 +528,11 @@ if _HAVE_NUMBA:
     @njit(parallel=True, cache=True, nogil=True, fastmath=_FM)
     def _stats_f32(x, rows, t, s32, s64, s1, s2, acc, cb):  # pragma: no cover - compiled
         # column sums / sums of squares of y = x[rows] - shift and t @ y (many templates):
-        # parallel over column blocks (float32 accumulators k x cb in L1/L2 owned by one
-        # thread), rows 8 at a time into float32 buffers, then templates 4 at a time (each
-        # accumulator load/store serves 8 products, each buffer load 4); float32 partial sums
-        # are flushed into float64 every 128 rows (t @ y) and 32 rows (s1, s2).  q multiple of 8.
+        # parallel over column blocks (float32 accumulators k x cb in L2 owned by one thread),
+        # rows 4 at a time into a float32 buffer, then templates 4 at a time (the 4 x 4 template
+        # coefficients stay in registers: an 8-row variant ran out of them and was 1.2x slower);
+        # float32 partial sums are flushed into float64 every 128 rows (t @ y) and 32 rows
+        # (s1, s2).  q multiple of 4.
         n = x.shape[1]
         k = t.shape[0]
         q = rows.shape[0]
@@ -542,7 +543,7 @@ if _HAVE_NUMBA:
             c0 = b * cb
             c1 = min(n, c0 + cb)
             wd = c1 - c0
-            Y = np.empty((8, cb), dtype=np.float32)
+            Y = np.empty((4, cb), dtype=np.float32)
             ls1 = np.zeros(cb, dtype=np.float32)
             ls2 = np.zeros(cb, dtype=np.float32)
             lacc = np.zeros((k, cb), dtype=np.float32)
@@ -555,34 +556,25 @@ if _HAVE_NUMBA:
             y1 = Y[1]
             y2 = Y[2]
             y3 = Y[3]
-            y4 = Y[4]
-            y5 = Y[5]
-            y6 = Y[6]
-            y7 = Y[7]
             for jb in range(0, q, fl):
                 je = min(q, jb + fl)
-                for jj in range(jb, je, 8):
-                    for h in range(2):
-                        xa = x[rows[jj + 4 * h], c0:c1]
-                        xb = x[rows[jj + 4 * h + 1], c0:c1]
-                        xc = x[rows[jj + 4 * h + 2], c0:c1]
-                        xd = x[rows[jj + 4 * h + 3], c0:c1]
-                        ya = Y[4 * h]
-                        yb = Y[4 * h + 1]
-                        yc = Y[4 * h + 2]
-                        yd = Y[4 * h + 3]
-                        for c in range(wd):
-                            va = _shifted(xa[c], sa[c], sb[c])
-                            vb = _shifted(xb[c], sa[c], sb[c])
-                            vc = _shifted(xc[c], sa[c], sb[c])
-                            vd = _shifted(xd[c], sa[c], sb[c])
-                            ya[c] = va
-                            yb[c] = vb
-                            yc[c] = vc
-                            yd[c] = vd
-                            ls1[c] += (va + vb) + (vc + vd)
-                            ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
-                    if (jj + 8 - jb) % fs == 0 or jj + 8 >= je:
+                for jj in range(jb, je, 4):
+                    xa = x[rows[jj], c0:c1]
+                    xb = x[rows[jj + 1], c0:c1]
+                    xc = x[rows[jj + 2], c0:c1]
+                    xd = x[rows[jj + 3], c0:c1]
+                    for c in range(wd):
+                        va = _shifted(xa[c], sa[c], sb[c])
+                        vb = _shifted(xb[c], sa[c], sb[c])
+                        vc = _shifted(xc[c], sa[c], sb[c])
+                        vd = _shifted(xd[c], sa[c], sb[c])
+                        y0[c] = va
+                        y1[c] = vb
+                        y2[c] = vc
+                        y3[c] = vd
+                        ls1[c] += (va + vb) + (vc + vd)
+                        ls2[c] += (va * va + vb * vb) + (vc * vc + vd * vd)
+                    if (jj + 4 - jb) % fs == 0 or jj + 4 >= je:
                         for c in range(wd):
                             g1[c] += ls1[c]
                             g2[c] += ls2[c]
@@ -598,98 +590,36 @@ if _HAVE_NUMBA:
                         p1 = _F32(t[i, jj + 1])
                         p2 = _F32(t[i, jj + 2])
                         p3 = _F32(t[i, jj + 3])
-                        p4 = _F32(t[i, jj + 4])
-                        p5 = _F32(t[i, jj + 5])
-                        p6 = _F32(t[i, jj + 6])
-                        p7 = _F32(t[i, jj + 7])
                         q0 = _F32(t[i + 1, jj])
                         q1 = _F32(t[i + 1, jj + 1])
                         q2 = _F32(t[i + 1, jj + 2])
                         q3 = _F32(t[i + 1, jj + 3])
-                        q4 = _F32(t[i + 1, jj + 4])
-                        q5 = _F32(t[i + 1, jj + 5])
-                        q6 = _F32(t[i + 1, jj + 6])
-                        q7 = _F32(t[i + 1, jj + 7])
                         r0 = _F32(t[i + 2, jj])
                         r1 = _F32(t[i + 2, jj + 1])
                         r2 = _F32(t[i + 2, jj + 2])
                         r3 = _F32(t[i + 2, jj + 3])
-                        r4 = _F32(t[i + 2, jj + 4])
-                        r5 = _F32(t[i + 2, jj + 5])
-                        r6 = _F32(t[i + 2, jj + 6])
-                        r7 = _F32(t[i + 2, jj + 7])
                         u0 = _F32(t[i + 3, jj])
                         u1 = _F32(t[i + 3, jj + 1])
                         u2 = _F32(t[i + 3, jj + 2])
                         u3 = _F32(t[i + 3, jj + 3])
-                        u4 = _F32(t[i + 3, jj + 4])
-                        u5 = _F32(t[i + 3, jj + 5])
-                        u6 = _F32(t[i + 3, jj + 6])
-                        u7 = _F32(t[i + 3, jj + 7])
                         for c in range(wd):
                             e0 = y0[c]
                             e1 = y1[c]
                             e2 = y2[c]
                             e3 = y3[c]
-                            e4 = y4[c]
-                            e5 = y5[c]
-                            e6 = y6[c]
-                            e7 = y7[c]
-                            la[c] += (((p0 * e0 + p1 * e1) + (p2 * e2 + p3 * e3))
-                                      + ((p4 * e4 + p5 * e5) + (p6 * e6 + p7 * e7)))
-                            lb[c] += (((q0 * e0 + q1 * e1) + (q2 * e2 + q3 * e3))
-                                      + ((q4 * e4 + q5 * e5) + (q6 * e6 + q7 * e7)))
-                            lc[c] += (((r0 * e0 + r1 * e1) + (r2 * e2 + r3 * e3))
-                                      + ((r4 * e4 + r5 * e5) + (r6 * e6 + r7 * e7)))
-                            ld[c] += (((u0 * e0 + u1 * e1) + (u2 * e2 + u3 * e3))
-                                      + ((u4 * e4 + u5 * e5) + (u6 * e6 + u7 * e7)))
+                            la[c] += (p0 * e0 + p1 * e1) + (p2 * e2 + p3 * e3)
+                            lb[c] += (q0 * e0 + q1 * e1) + (q2 * e2 + q3 * e3)
+                            lc[c] += (r0 * e0 + r1 * e1) + (r2 * e2 + r3 * e3)
+                            ld[c] += (u0 * e0 + u1 * e1) + (u2 * e2 + u3 * e3)
                         i += 4
-                    while i + 2 <= k:
-                        la = lacc[i]
-                        lb = lacc[i + 1]
-                        p0 = _F32(t[i, jj])
-                        p1 = _F32(t[i, jj + 1])
-                        p2 = _F32(t[i, jj + 2])
-                        p3 = _F32(t[i, jj + 3])
-                        p4 = _F32(t[i, jj + 4])
-                        p5 = _F32(t[i, jj + 5])
-                        p6 = _F32(t[i, jj + 6])
-                        p7 = _F32(t[i, jj + 7])
-                        q0 = _F32(t[i + 1, jj])
-                        q1 = _F32(t[i + 1, jj + 1])
-                        q2 = _F32(t[i + 1, jj + 2])
-                        q3 = _F32(t[i + 1, jj + 3])
-                        q4 = _F32(t[i + 1, jj + 4])
-                        q5 = _F32(t[i + 1, jj + 5])
-                        q6 = _F32(t[i + 1, jj + 6])
-                        q7 = _F32(t[i + 1, jj + 7])
-                        for c in range(wd):
-                            e0 = y0[c]
-                            e1 = y1[c]
-                            e2 = y2[c]
-                            e3 = y3[c]
-                            e4 = y4[c]
-                            e5 = y5[c]
-                            e6 = y6[c]
-                            e7 = y7[c]
-                            la[c] += (((p0 * e0 + p1 * e1) + (p2 * e2 + p3 * e3))
-                                      + ((p4 * e4 + p5 * e5) + (p6 * e6 + p7 * e7)))
-                            lb[c] += (((q0 * e0 + q1 * e1) + (q2 * e2 + q3 * e3))
-                                      + ((q4 * e4 + q5 * e5) + (q6 * e6 + q7 * e7)))
-                        i += 2
                     while i < k:
                         la = lacc[i]
                         p0 = _F32(t[i, jj])
                         p1 = _F32(t[i, jj + 1])
                         p2 = _F32(t[i, jj + 2])
                         p3 = _F32(t[i, jj + 3])
-                        p4 = _F32(t[i, jj + 4])
-                        p5 = _F32(t[i, jj + 5])
-                        p6 = _F32(t[i, jj + 6])
-                        p7 = _F32(t[i, jj + 7])
                         for c in range(wd):
-                            la[c] += (((p0 * y0[c] + p1 * y1[c]) + (p2 * y2[c] + p3 * y3[c]))
-                                      + ((p4 * y4[c] + p5 * y5[c]) + (p6 * y6[c] + p7 * y7[c])))
+                            la[c] += (p0 * y0[c] + p1 * y1[c]) + (p2 * y2[c] + p3 * y3[c])
                         i += 1
                 for i in range(k):
                     la = lacc[i]
@@ -988,7 +918,7 @@ def _stats_parts(q: int) -> int:
 def _stats_fast_dispatch(x, rows, t, shift, s1, s2, acc) -> None:
     q = rows.shape[0]
     rows_kernel = _rows_kernel_fits(t.shape[0], x.shape[1])
-    q4 = q - q % (4 if rows_kernel else 8)
+    q4 = q - q % 4
     if q4:
         s32, s64, delta = _shift_pair(x, shift)
         tq = np.ascontiguousarray(t[:, :q4])
@@ -1002,12 +932,12 @@ def _stats_fast_dispatch(x, rows, t, shift, s1, s2, acc) -> None:
         if rows_kernel:
             _stats_rows_f32(x, rows[:q4], tq, s32, s64, p1, p2, pa, _stats_parts(q4))
         else:
-            _stats_f32(x, rows[:q4], tq, s32, s64, p1, p2, pa, COL_BLOCK)
+            _stats_f32(x, rows[:q4], tq, s32, s64, p1, p2, pa, 2 * COL_BLOCK)
         if p1 is not s1:
             s1 += p1 - q4 * delta
             s2 += p2 - 2.0 * delta * p1 + q4 * delta * delta
             acc += pa - np.outer(tq.sum(axis=1), delta)
-    if q4 < q:  # the last 1-7 rows (numpy, float64)
+    if q4 < q:  # the last 1-3 rows (numpy, float64)
         _stats_tprod_numpy(x, rows[q4:], t[:, q4:], shift, s1, s2, acc)
 
 
