@@ -280,7 +280,7 @@ def wide_data(kind: str) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["float32_offset", "uint16_12bit"])
 def test_tiles_on_wide_rows_and_leftover_rows(tiles, kind):
-    """Several apply flush blocks per row; 1, 3, 4 (row kernel) and 6 (8-row kernel) templates."""
+    """Several apply flush blocks per row; 1, 3, 4 (row kernel) and 6 (column-block kernel) templates."""
     data = wide_data(kind)
     D = ref_D(data)
     rng = np.random.default_rng(12)
@@ -319,3 +319,29 @@ def test_tiles_column_block_kernel_for_few_templates(tiles, kind, monkeypatch):
     close(st.std.ravel(), sd, "std")
     tmpl = np.random.default_rng(15).normal(size=(2, *SHAPE[:2]))
     close(core.pcc_mask(data, tmpl), ref_pcc(data, tmpl), "pcc_mask k=2")
+
+
+@pytest.mark.parametrize("kind", ["float32_offset", "float64_offset", "uint32_24bit"])
+@pytest.mark.parametrize("rows", [SHAPE[0], SHAPE[0] - 1])
+def test_tiles_panel_kernel_for_many_masks(tiles, kind, rows):
+    """>= 12 masks on 4-byte or wider data take the 32-row panel kernel: same results.
+
+    13 masks (3 tiles of 4 and one leftover); 1200 patterns (37 full panels and a half one)
+    or 1170 (2 leftover rows for numpy as well); 13 templates through the 4-row statistics.
+    """
+    data = hard_data(kind)[:rows]
+    assert _kernels.ApplyPlan(np.zeros(4), np.zeros((13, 4)), data.dtype).panel
+    assert not _kernels.ApplyPlan(np.zeros(4), np.zeros((11, 4)), data.dtype).panel
+    D = ref_D(data)
+    rng = np.random.default_rng(16)
+    w = rng.normal(size=(13, *SHAPE[2:]))
+    scan = (rows, SHAPE[1])
+    close(core.apply_mask(data, w), (ref_Dhat(D) @ w.reshape(13, -1).T).T.reshape(13, *scan),
+          "apply 13 masks")
+    close(core.virtual_images(data, np.abs(w)),
+          (D @ np.abs(w).reshape(13, -1).T).T.reshape(13, *scan), "virtual images 13")
+    tmpl = rng.normal(size=(13, *scan))
+    want_r = ref_pcc(data, tmpl)
+    r, img = core.template_mask_image(data, tmpl)
+    close(r, want_r, "pcc_mask k=13")
+    close(img, (ref_Dhat(D) @ want_r.reshape(13, -1).T).T.reshape(13, *scan), "image k=13")
