@@ -533,7 +533,8 @@ if _HAVE_NUMBA:
         # rows are shifted into a float32 buffer 4 at a time and every 4-mask tile sweeps it:
         # the weight block (k x bl float32) stays in L2 for all rows of the panel instead of all
         # k x n weights streaming through it for every 4 rows.  Measured on 1 GiB float32, 16
-        # masks: 57-59 ms against 66-76 ms; slower for k <= 4 and for uint16 data (short row
+        # masks: 57-71 ms against 66-78 ms (noisy host; 32 masks 94 vs 112 ms); slower for
+        # k <= 8 and for uint16 data (short row
         # segments cost the prefetchers more than the weights do), which keep _apply_f32.
         r = x.shape[0]
         n = x.shape[1]
