@@ -45,7 +45,6 @@ import numpy as np  # noqa: E402
 
 from tmask_validate import core, io  # noqa: E402
 
-
 #: seconds of idle before every timed call (see the module notes)
 PAUSE_S = 0.25
 

@@ -280,7 +280,7 @@ def wide_data(kind: str) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["float32_offset", "uint16_12bit"])
 def test_tiles_on_wide_rows_and_leftover_rows(tiles, kind):
-    """Several apply flush blocks per row; 1, 3, 4 (row kernel) and 6 (column-block kernel) templates."""
+    """Several apply flush blocks per row; 1, 3, 4 (row kernel), 6 (column blocks) templates."""
     data = wide_data(kind)
     D = ref_D(data)
     rng = np.random.default_rng(12)

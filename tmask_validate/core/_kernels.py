@@ -21,14 +21,15 @@ when numba is unavailable or disabled (``TMASK_VALIDATE_NO_NUMBA=1`` or :func:`u
 float32 tiles (data of at least :data:`FAST_MIN_ELEMENTS` values; :func:`use_float32`)
 -------------------------------------------------------------------------------------
 ``_apply_f32`` (4 patterns x 4 masks register tiles; ``_apply_f32_panel`` the same tiles
-over column blocks of 32-row panels, for >= 12 masks on 4-byte data), ``_stats_rows_f32`` (<= 4 templates:
-each thread streams its own rows, 4 at a time across all columns), ``_stats_f32`` (more
-templates: column block x 4 rows x 4 templates) and ``_moments_f32`` form the products in
-float32 and flush float32 partial sums into float64: statistics after 128 rows (template
-products) and 32 rows (column sums and sums of squares), the centre of mass after 256 values,
-apply after :data:`APPLY_FLUSH_COLUMNS` = 1024 columns, which the compiled loop spreads over
-its ``V`` vector lanes (``V = 16``: AVX-512 code, checked in the assembly; the uint16 case
-with integer weights flushes every 256 columns).  Error bound, with ``u = 2**-24``:
+over column blocks of 32-row panels, for >= 12 masks on 4-byte data), ``_stats_rows_f32``
+(<= 4 templates: each thread streams its own rows, 4 at a time across all columns),
+``_stats_f32`` (more templates: column block x 4 rows x 4 templates) and ``_moments_f32``
+form the products in float32 and flush float32 partial sums into float64: statistics after
+128 rows (template products) and 32 rows (column sums and sums of squares), the centre of
+mass after 256 values, apply after :data:`APPLY_FLUSH_COLUMNS` = 1024 columns, which the
+compiled loop spreads over its ``V`` vector lanes (``V = 16``: AVX-512 code, checked in the
+assembly; the uint16 case with integer weights flushes every 256 columns).  Error bound,
+with ``u = 2**-24``:
 
 * ``y = x - s``: exact for uint8/uint16 (integers below 2**24) and for float32 data within a
   factor 2 of the shift (Sterbenz); one rounding (``|dy| <= u |y|``) for float64 and 32-bit
