@@ -27,9 +27,10 @@ over column blocks of 32-row panels, for >= 12 masks on 4-byte data), ``_stats_r
 form the products in float32 and flush float32 partial sums into float64: statistics after
 128 rows (template products) and 32 rows (column sums and sums of squares), the centre of
 mass after 256 values, apply after :data:`APPLY_FLUSH_COLUMNS` = 1024 columns, which the
-compiled loop spreads over its ``V`` vector lanes (``V = 16``: AVX-512 code, checked in the
-assembly; the uint16 case with integer weights flushes every 256 columns).  Error bound,
-with ``u = 2**-24``:
+compiled loop spreads over its ``V`` vector lanes (LLVM's choice for the host CPU, checked in
+the assembly: ``V = 16`` on the AMD Zen 5 hosts, ``V = 8`` -- 256-bit vectors -- on the Intel
+AVX-512 host of the README's current table; the uint16 case with integer weights flushes
+every 256 columns).  Error bound, with ``u = 2**-24``:
 
 * ``y = x - s``: exact for uint8/uint16 (integers below 2**24) and for float32 data within a
   factor 2 of the shift (Sterbenz); one rounding (``|dy| <= u |y|``) for float64 and 32-bit
@@ -41,9 +42,9 @@ with ``u = 2**-24``:
 * weights and templates are rounded to float32 once (``<= u`` relative).
 * each float32 partial is a sum of ``L`` products with error ``<= gamma_L sum |y w|``,
   ``gamma_L = L u / (1 - L u)``: ``L <= 256`` for the statistics and the centre of mass, and
-  ``L = 1024 / V + log2 V`` for apply (68 with ``V = 16``; at most 258 for any ``V >= 4``,
-  1024 for scalar code), so ``gamma_L <= 1.54e-5`` with SIMD code; the float64 additions add
-  ``<= 2**-53`` each.
+  ``L = 1024 / V + log2 V`` for apply (68 with ``V = 16``, 131 with ``V = 8``; at most 258
+  for any ``V >= 4``, 1024 for scalar code), so ``gamma_L <= 1.54e-5`` with SIMD code; the
+  float64 additions add ``<= 2**-53`` each.
 
 So ``|error| <= (2u + gamma_258) * sum_c |y_c w_c|`` in the worst case; rounding errors
 are random in practice and grow like the square root of the terms: measured on the hard
@@ -53,9 +54,12 @@ uint8 data with integer weights (binary detectors; 1024 x 255 < 2**24), uint16 d
 integer weights (256-column partials) and the centre of mass of uint8/uint16 data every
 partial sum is an integer below 2**24: exact.
 
-Performance notes (2-core AMD EPYC Zen 5, AVX-512).  See ``benchmarks/bench_core.py`` and the
-README: the float64 kernels do ``k`` float64 multiply-adds per element per pass at ~55-60 % of
-the float64 peak; the float32 tiles double the lanes and keep 16 accumulators per tile.
+Performance notes (2-core hosts, AMD Zen 5 and Intel with AVX-512).  See
+``benchmarks/bench_core.py``, ``benchmarks/bench_kernel_rates.py`` (one-thread in-cache rates:
+the compute floor) and the README: the float64 kernels do ``k`` float64 multiply-adds per
+element per pass at ~55-60 % of the float64 peak; the float32 tiles double the lanes and keep
+16 accumulators per tile, and reach 0.34-0.49 of a one-thread sgemm's multiply-add rate with
+16 masks (Intel host).  The float32-tile apply bound above holds for any ``V``.
 """
 
 from __future__ import annotations
