@@ -21,14 +21,36 @@ def _scale_bar(ax, step_A: float, shape, length_A: float = 5.0) -> None:
             fontsize=7, path_effects=halo)
 
 
+def _z_ticks(lo: float, hi: float) -> list[float]:
+    """Labelled ticks for a symlog z axis (linear within +-3) spanning ``lo``..``hi``.
+
+    Round linear steps when the span is short (the common case: values near the +-3
+    threshold, where the axis is linear), else 0, +-3 and the 1-3-10 steps beyond.
+    """
+    if hi - lo <= 12:
+        from matplotlib.ticker import MaxNLocator
+
+        vals = MaxNLocator(nbins=7, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+        return [float(t) for t in vals if lo - 1e-9 <= t <= hi + 1e-9]
+    steps = [0.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0]
+    return sorted({t for v in steps for t in (v, -v) if lo <= t <= hi})
+
+
 def _zaxis(ax) -> None:
-    """Symmetric-log z axis (linear within +-3) with plain tick labels."""
+    """Symmetric-log z axis (linear within +-3) with plain tick labels.
+
+    Call after everything is drawn on ``ax`` (data and the threshold line), so that the ticks
+    cover the final limits.
+    """
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
     ax.set_yscale("symlog", linthresh=3)
-    ticks = [-100, -30, -10, -3, 0, 3, 10, 30, 100]
     lo, hi = ax.get_ylim()
-    ticks = [t for t in ticks if lo <= t <= hi]
-    ax.set_yticks(ticks)
-    ax.set_yticklabels([f"{t:g}" for t in ticks])
+    ticks = _z_ticks(lo, hi)
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FixedFormatter([f"{t:g}" for t in ticks]))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(lo, hi)
     ax.grid(True, axis="y", lw=0.3, alpha=0.5)
 
 
@@ -92,9 +114,9 @@ def evidence_figure(table: pd.DataFrame, images: Mapping[str, np.ndarray], out: 
             ax1.plot(g["thickness_nm"], g["evidence_z"], styles[dose], ms=4,
                      color=colours(gi % 10),
                      label=f"{s.split('_')[0]} {sp} ({kind}), {dose:g} e/Å²")
-    _zaxis(ax1)
     thr = table.attrs.get("z_min", 3.0)
     ax1.axhline(thr, color="k", ls="--", lw=0.8)
+    _zaxis(ax1)
     ax1.set_xlabel("thickness (nm)")
     ax1.set_ylabel("evidence_z = (present − removed) / SE")
     ax1.set_title("species vs its removed control, held-out cells", fontsize=9)
@@ -107,8 +129,8 @@ def evidence_figure(table: pd.DataFrame, images: Mapping[str, np.ndarray], out: 
         g = g.sort_values("occupancy")
         ax2.plot(g["occupancy"], g["evidence_z"], styles[dose], ms=4,
                  color=colours(thick.index(t) % 10), label=f"{sp} {t:g} nm, {dose:g} e/Å²")
-    _zaxis(ax2)
     ax2.axhline(thr, color="k", ls="--", lw=0.8)
+    _zaxis(ax2)
     ax2.set_xlabel("occupancy x")
     ax2.set_ylabel("evidence_z vs x = 0")
     ax2.set_title("occupancy series (dashed: z threshold)", fontsize=9)
