@@ -246,6 +246,37 @@ def test_mib_memmap_streams_like_the_array(tmp_path, bits):
                                    core.center_of_mass(d), rtol=1e-13, atol=1e-13)
 
 
+def test_mib_memmap_reads_the_file_ahead_once_when_it_fits(tmp_path, monkeypatch):
+    import os
+
+    from tmask_validate import io
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    d = np.random.default_rng(1).integers(0, 4096, size=(3, 4, 8, 8))
+    path = io.write_mib(tmp_path / "scan.mib", d, bit_depth=12, frames_per_trigger=1)
+    calls = []
+    real = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        calls.append(advice)
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    # scan shape given: no header scan, one asynchronous read-ahead for the pass
+    np.testing.assert_array_equal(io.mib_memmap(path, scan_shape=(3, 4)), d)
+    assert calls == [os.POSIX_FADV_WILLNEED]
+    # scan shape from the flyback gaps: the header scan reads ahead; not asked twice
+    calls.clear()
+    assert io.mib_memmap(path).shape == d.shape
+    assert calls == [os.POSIX_FADV_WILLNEED]
+    # a file larger than half the free memory is not read ahead
+    calls.clear()
+    monkeypatch.setattr(io, "_readahead_budget_bytes", lambda: 0)
+    np.testing.assert_array_equal(io.mib_memmap(path, scan_shape=(3, 4)), d)
+    assert calls == []
+
+
 def test_mib_memmap_bad_files(tmp_path):
     from tmask_validate import io
 

@@ -403,13 +403,11 @@ def _readahead_budget_bytes() -> int:
 def _frame_times_s(path: Path, head: dict, n: int) -> np.ndarray | None:
     """Per-frame timestamps (s, relative) from the extended headers, or None if absent."""
     times = []
+    # one header per frame means a seek and a small read per frame; on a cold file each waits
+    # for the disk (32768 frames of 32 KiB: 3.0 s). Reading the whole file ahead turns that
+    # into one streamed read (1.4 s) and leaves the frames in the page cache for the pass.
+    _read_ahead(path, n * head["frame_bytes"])
     with open(path, "rb") as fh:
-        if hasattr(os, "posix_fadvise") and n * head["frame_bytes"] <= _readahead_budget_bytes():
-            # one header per frame means a seek and a small read per frame; on a cold file
-            # each waits for the disk (32768 frames of 32 KiB: 3.0 s). Asking the kernel to
-            # read the whole file ahead turns that into one streamed read (1.4 s) and leaves
-            # the frames in the page cache for the pass that follows.
-            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
         for i in range(n):
             fh.seek(i * head["frame_bytes"])
             fields = fh.read(head["header_bytes"]).decode("ascii", errors="replace").split(",")
@@ -602,12 +600,14 @@ def mib_memmap(path: str | os.PathLike, scan_shape: tuple[int, int] | None = Non
     if announced.isdigit() and n < int(announced):
         raise ValueError(f"{p}: truncated MIB file: the .hdr announces {announced} frames but "
                          f"only {n} complete frames are readable")
+    scanned = False  # whether the frame headers were read (which reads the file ahead)
     if scan_shape is None:
         fpt = hdr.get("Frames per Trigger (Number)", "1")
         fpt = int(fpt) if fpt.isdigit() else 1
         if fpt > 1 and n % fpt == 0:
             scan_shape = (n // fpt, fpt)
         else:
+            scanned = True
             times = _frame_times_s(p, head, n)
             scan_shape = infer_mib_scan_shape(times) if times is not None else None
         if scan_shape is None:
@@ -620,9 +620,28 @@ def mib_memmap(path: str | os.PathLike, scan_shape: tuple[int, int] | None = Non
     rows, cols = head["frame_shape"]
     dt = np.dtype(head["stored_dtype"])
     fb = head["frame_bytes"]
+    if not scanned:
+        _read_ahead(p, n * fb)
     mm = np.memmap(p, dtype=np.uint8, mode="r")
     return np.ndarray((sy, sx, rows, cols), dtype=dt, buffer=mm, offset=head["header_bytes"],
                       strides=(sx * fb, fb, cols * dt.itemsize, dt.itemsize))
+
+
+def _read_ahead(path: Path, nbytes: int) -> bool:
+    """Ask the kernel to read a file that fits in half the free memory ahead, asynchronously.
+
+    The call returns at once (measured: 1 ms for 1 GiB) and the disk then streams the file
+    at full queue depth while the first pass computes on the pages already in: a cold 1 GiB
+    read took 0.54 s after it against 0.78-0.83 s without. Returns whether it was issued.
+    """
+    if not hasattr(os, "posix_fadvise") or nbytes > _readahead_budget_bytes():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _mib_header(
