@@ -600,14 +600,12 @@ def mib_memmap(path: str | os.PathLike, scan_shape: tuple[int, int] | None = Non
     if announced.isdigit() and n < int(announced):
         raise ValueError(f"{p}: truncated MIB file: the .hdr announces {announced} frames but "
                          f"only {n} complete frames are readable")
-    scanned = False  # whether the frame headers were read (which reads the file ahead)
     if scan_shape is None:
         fpt = hdr.get("Frames per Trigger (Number)", "1")
         fpt = int(fpt) if fpt.isdigit() else 1
         if fpt > 1 and n % fpt == 0:
             scan_shape = (n // fpt, fpt)
         else:
-            scanned = True
             times = _frame_times_s(p, head, n)
             scan_shape = infer_mib_scan_shape(times) if times is not None else None
         if scan_shape is None:
@@ -620,8 +618,6 @@ def mib_memmap(path: str | os.PathLike, scan_shape: tuple[int, int] | None = Non
     rows, cols = head["frame_shape"]
     dt = np.dtype(head["stored_dtype"])
     fb = head["frame_bytes"]
-    if not scanned:
-        _read_ahead(p, n * fb)
     mm = np.memmap(p, dtype=np.uint8, mode="r")
     return np.ndarray((sy, sx, rows, cols), dtype=dt, buffer=mm, offset=head["header_bytes"],
                       strides=(sx * fb, fb, cols * dt.itemsize, dt.itemsize))
@@ -630,9 +626,11 @@ def mib_memmap(path: str | os.PathLike, scan_shape: tuple[int, int] | None = Non
 def _read_ahead(path: Path, nbytes: int) -> bool:
     """Ask the kernel to read a file that fits in half the free memory ahead, asynchronously.
 
-    The call returns at once (measured: 1 ms for 1 GiB) and the disk then streams the file
-    at full queue depth while the first pass computes on the pages already in: a cold 1 GiB
-    read took 0.54 s after it against 0.78-0.83 s without. Returns whether it was issued.
+    The call returns at once (measured: 1 ms for 1 GiB); a plain cold read of 1 GiB took
+    0.54 s after it against 0.78-0.83 s without.  Used before the frame-header scan.  Not
+    used before a pass over the memmap: there the kernel's own read-ahead on page faults was
+    as fast (``benchmarks/bench_mib_cold.py``: 16 detectors on an evicted 1 GiB file, median
+    0.74 s with it, 0.71 s without).  Returns whether it was issued.
     """
     if not hasattr(os, "posix_fadvise") or nbytes > _readahead_budget_bytes():
         return False
