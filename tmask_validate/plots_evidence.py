@@ -80,9 +80,10 @@ def evidence_figure(table: pd.DataFrame, images: Mapping[str, np.ndarray], out: 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     row, imgs, step = _pick_images(table, images)
-    fig = plt.figure(figsize=(12, 6.6))
+    # the legends go below the two lower panels (inside, they covered data at paper scale)
+    fig = plt.figure(figsize=(12, 7.6))
     gs = fig.add_gridspec(2, 4, height_ratios=[1, 1.15], hspace=0.35, wspace=0.35,
-                          left=0.06, right=0.97, top=0.9, bottom=0.08)
+                          left=0.06, right=0.97, top=0.91, bottom=0.2)
     titles = ["held-out (cross-fitted)\nspecies present", "in-sample imprint\nspecies present",
               "held-out (cross-fitted)\nspecies removed", "in-sample imprint\nspecies removed"]
     for i in range(4):
@@ -120,7 +121,8 @@ def evidence_figure(table: pd.DataFrame, images: Mapping[str, np.ndarray], out: 
     ax1.set_xlabel("thickness (nm)")
     ax1.set_ylabel("evidence_z = (present − removed) / SE")
     ax1.set_title("species vs its removed control, held-out cells", fontsize=9)
-    ax1.legend(fontsize=5.5, ncol=2, loc="best")
+    ax1.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+               frameon=False)
     ax2 = fig.add_subplot(gs[1, 2:])
     occ = table[table["species"].isin(table.loc[table["occupancy"] < 1, "species"].unique())]
     thick = sorted(occ["thickness_nm"].unique())
@@ -134,7 +136,8 @@ def evidence_figure(table: pd.DataFrame, images: Mapping[str, np.ndarray], out: 
     ax2.set_xlabel("occupancy x")
     ax2.set_ylabel("evidence_z vs x = 0")
     ax2.set_title("occupancy series (dashed: z threshold)", fontsize=9)
-    ax2.legend(fontsize=5.5, ncol=3, loc="best")
+    ax2.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+               frameon=False)
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
