@@ -612,12 +612,19 @@ def _light(labels) -> str:
     return sorted(labels)[0]
 
 
+def _legend_below(ax) -> None:
+    """Legend under the axes, outside the data (inside, "best" still covered crossing lines)."""
+    n = len(ax.get_legend_handles_labels()[0])
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(3, n),
+              frameon=False)
+
+
 def sweep_thickness(metrics: pd.DataFrame, structure: str, *, dose_key: str = "noiseless"):
     """Specificity of each species' binary PCC template and CNR (lightest species) of template
     images, best ABF, ABF and iCoM vs thickness."""
     d = metrics[(metrics["structure"] == structure) & (metrics["dose_key"] == dose_key)].copy()
     d["t"] = d["thickness_nm"].astype(float)
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4.0), layout="constrained")
     tm = d[(d["family"] == "template") & (d["normalisation"] == "pcc")
            & (d["template_kind"] == "binary") & (d["metric"] == "specificity")]
     for L, g in tm.groupby("species"):
@@ -626,7 +633,7 @@ def sweep_thickness(metrics: pd.DataFrame, structure: str, *, dose_key: str = "n
     axs[0].axhline(0.8, color="0.6", ls="--", lw=0.8)
     axs[0].set_xlabel("thickness (nm)")
     axs[0].set_ylabel("specificity (1 − max signed crosstalk)")
-    axs[0].legend(fontsize=7)
+    _legend_below(axs[0])
     axs[0].set_title(f"{structure}: specificity of binary PCC templates", fontsize=9)
     labels = [x for x in d.loc[d["metric"] == "cnr", "species"].unique() if x != "fake"]
     light = _light(labels)
@@ -639,7 +646,7 @@ def sweep_thickness(metrics: pd.DataFrame, structure: str, *, dose_key: str = "n
             axs[1].plot(g["t"], g["value"], "o-", label=lab)
     axs[1].set_xlabel("thickness (nm)")
     axs[1].set_ylabel(f"CNR of {light} columns")
-    axs[1].legend(fontsize=7)
+    _legend_below(axs[1])
     axs[1].set_title(f"{structure}: {light} CNR ({dose_key})", fontsize=9)
     cap = (f"{structure}, {dose_key}: left, specificity (1 - largest bright crosstalk) of the "
            "binary PCC template image of each column type vs thickness (dashed: 0.8); right, "
@@ -657,7 +664,7 @@ def sweep_dose(metrics: pd.DataFrame, structure: str, *, thickness_nm: float | N
     d = d[np.isclose(d["t"], thickness_nm)]
     d["dose"] = pd.to_numeric(d["dose_e_per_A2"], errors="coerce")
     noisy = d[d["dose"].notna()]
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4.0), layout="constrained")
     labels = [x for x in d.loc[d["metric"] == "cnr", "species"].unique() if x != "fake"]
     light = _light(labels) if labels else ""
     for name, lab in ((f"tm_pcc_binary_{light}", f"template {light}"),
@@ -675,7 +682,7 @@ def sweep_dose(metrics: pd.DataFrame, structure: str, *, thickness_nm: float | N
     axs[0].set_xscale("log")
     axs[0].set_xlabel("dose (e-/Å²)")
     axs[0].set_ylabel(f"CNR of {light}")
-    axs[0].legend(fontsize=7)
+    _legend_below(axs[0])
     tm = noisy[(noisy["family"] == "template") & (noisy["normalisation"] == "pcc")
                & (noisy["template_kind"] == "binary") & (noisy["metric"] == "specificity")]
     for L, g in tm.groupby("species"):
@@ -685,7 +692,7 @@ def sweep_dose(metrics: pd.DataFrame, structure: str, *, thickness_nm: float | N
     axs[1].axhline(0.8, color="0.6", ls="--", lw=0.8)
     axs[1].set_xlabel("dose (e-/Å²)")
     axs[1].set_ylabel("specificity (1 − max signed crosstalk)")
-    axs[1].legend(fontsize=7)
+    _legend_below(axs[1])
     fig.suptitle(f"{structure} at {thickness_nm:.1f} nm vs dose", fontsize=9)
     cap = (f"{structure} at {thickness_nm:.1f} nm: left, CNR of the {light} columns vs dose "
            "(dotted: noiseless value); right, specificity of the binary PCC template images "
@@ -698,7 +705,7 @@ def mask_similarity_plot(similarity: pd.DataFrame, structure: str):
     (noiseless) and between noisy and noiseless masks at the same thickness, vs dose."""
     s = similarity[similarity["structure"] == structure]
     s = s[s["name"].str.startswith("tm_pcc_binary_")]
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4.0), layout="constrained")
     th = s[(s["comparison"] == "thickness") & (s["dose_key_a"] == "noiseless")]
     ts = sorted(set(th["thickness_config_nm_a"]) | set(th["thickness_config_nm_b"]))
     adj = {(a, b) for a, b in zip(ts[:-1], ts[1:], strict=True)}
@@ -713,7 +720,7 @@ def mask_similarity_plot(similarity: pd.DataFrame, structure: str):
     axs[0].set_xlabel("thickness (nm, mid-point of adjacent pair)")
     axs[0].set_ylabel("mask r (adjacent thicknesses)")
     if axs[0].get_legend_handles_labels()[0]:
-        axs[0].legend(fontsize=7)
+        _legend_below(axs[0])
     dv = s[s["comparison"] == "dose_vs_noiseless"].copy()
     dv["dose"] = pd.to_numeric(dv["dose_key_b"].str.lstrip("d"), errors="coerce")
     for name, g in dv.groupby("name"):
@@ -723,7 +730,7 @@ def mask_similarity_plot(similarity: pd.DataFrame, structure: str):
     axs[1].set_xlabel("dose (e-/Å²)")
     axs[1].set_ylabel("mask r, noisy vs noiseless\n(mean over thickness)")
     if axs[1].get_legend_handles_labels()[0]:
-        axs[1].legend(fontsize=7)
+        _legend_below(axs[1])
     fig.suptitle(f"{structure}: stability of the binary PCC masks", fontsize=9)
     cap = (f"{structure}: Pearson r between binary PCC masks of each column type at adjacent "
            "thicknesses (noiseless, left) and between the noisy and noiseless masks at the same "
